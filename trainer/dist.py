@@ -1,0 +1,215 @@
+"""Process-group setup and the collectives the rest of the system uses (the ground floor).
+
+Every import in ``trainer`` may use this module; it imports nothing from ``trainer`` itself.
+The same calls work with one process (no process group: collectives are identities), with gloo
+on CPU and with NCCL on GPU, so every distributed path has a CPU twin that tests can run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    """Global rank, 0..world_size-1."""
+    world_size: int
+    """Number of processes in the job."""
+    local_rank: int
+    """Rank on this node; selects the GPU."""
+    backend: str
+    """``nccl``, ``gloo`` or ``none`` (single process without a process group)."""
+    device: torch.device
+    """The device this rank computes on (``cuda:local_rank`` or ``cpu``)."""
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={value!r}: expected an integer") from exc
+
+
+def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Initialize the default process group from the environment, or run as one process.
+
+    The torchrun/TorchElastic variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) select a distributed run; without them this is a single process and no
+    process group is created. ``backend`` defaults to nccl when CUDA is available, gloo otherwise.
+    The device is set before the group is initialized, as NCCL requires.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if world_size <= 1:
+        return DistInfo(0, 1, 0, "none", device)
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    return info()
+
+
+def info() -> DistInfo:
+    """The current process's place, whether or not a group was initialized."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not is_initialized():
+        return DistInfo(0, 1, 0, "none", device)
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), dist.get_backend(), device
+    )
+
+
+def shutdown() -> None:
+    """Destroy the process group (always call at the end: avoids exit-time aborts)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def comm_device() -> torch.device:
+    """Device collectives run on: CUDA for NCCL, CPU for gloo or no group."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum``, ``max``, ``min``, ``prod``); returns the tensor."""
+    if not is_initialized():
+        return tensor
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "prod": dist.ReduceOp.PRODUCT}
+    if op not in ops:
+        raise ValueError(f"all_reduce op={op!r}: expected one of {sorted(ops)}")
+    dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src``; returns the tensor."""
+    if is_initialized():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors from every rank along dim 0 (rank order). No gradient."""
+    if not is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_autograd(tensor: torch.Tensor) -> torch.Tensor:
+    """Like :func:`all_gather`, but gradients flow back to every rank's own slice.
+
+    The backward of ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients
+    over ranks (reduce-scatter), which is what a loss computed identically on every rank needs
+    only if it is divided by nothing; callers that compute the *same* loss on every rank must
+    keep that in mind (see memory/bank.py).
+    """
+    if not is_initialized():
+        return tensor
+    from torch.distributed.nn.functional import all_gather as _ag
+
+    return torch.cat(_ag(tensor.contiguous()), dim=0)
+
+
+def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs across ranks (rank order). No gradient."""
+    if not is_initialized():
+        return tensor
+    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = all_gather(n).tolist()
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather(padded)
+    chunks = [gathered[r * longest : r * longest + s] for r, s in enumerate(sizes)]
+    return torch.cat(chunks, dim=0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Gather one picklable object per rank (rank order)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Broadcast one picklable object from ``src`` to every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` slice of ``n`` items owned by ``rank`` (first ranks take the remainder).
+
+    The one rule for splitting rows among ranks: exact-once loaders, sharded banks and sharded
+    k-NN queries all use it, so their slices agree.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+__all__ = [
+    "DistInfo", "init", "info", "shutdown", "is_initialized", "get_rank", "get_world_size", "is_main",
+    "barrier", "comm_device", "all_reduce", "broadcast", "all_gather", "all_gather_autograd",
+    "all_gather_variable", "all_gather_object", "broadcast_object", "shard_range"
+]

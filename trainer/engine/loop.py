@@ -1,0 +1,273 @@
+"""The training loop: method-agnostic, resumable at any step boundary.
+
+Position in training is (epoch, step_in_epoch); with the sampler a pure function of
+(seed, epoch, step), the saved RNG states, and method state (banks, labels) in the checkpoint, a run
+interrupted anywhere and resumed ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from trainer import dist
+from trainer.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from trainer.engine.method import Method
+from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
+from trainer.engine.optim import EpochLR, OptimConfig, build_optimizer, param_groups
+from trainer.engine.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The loop's settings (method settings live with the method)."""
+
+    epochs: int = 60
+    """Number of epochs."""
+    seed: int = 1234
+    """Seeds model init, sampling and augmentation; the whole run is a function of it."""
+    precision: str = "auto"
+    """``auto`` (fp16 autocast + GradScaler on CUDA as the papers, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in the run dir, else start fresh), ``never``, or a checkpoint dir."""
+    ckpt_every_steps: int = 0
+    """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
+    ckpt_every_epochs: int = 1
+    """Checkpoint at the end of every N-th epoch (and always after the last)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept on disk (older ones removed); 0 keeps all."""
+    log_every: int = 10
+    """Console line every N steps (metrics.jsonl gets every step)."""
+    max_steps: int = 0
+    """Stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit. For tests."""
+
+
+@dataclass
+class EvalConfig:
+    """When to evaluate on the targets."""
+
+    period: int = 1
+    """Evaluate every N epochs and after the last one."""
+    at_start: bool = False
+    """Also evaluate the untrained (or pretrained) model before training."""
+
+
+@dataclass
+class FitResult:
+    status: str
+    """``finished``, ``stopped`` (preemption/time limit: checkpoint written) or ``max_steps``."""
+    global_step: int
+    epoch: int
+    best: dict[str, Any] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)
+    initial: dict[str, Any] = field(default_factory=dict)
+
+
+class StopFlag:
+    """Set by a signal handler on any rank; agreed on by all ranks at step boundaries.
+
+    Only the flag is set in the handler (no I/O), so it is safe to chain with other handlers (e.g.
+    submitit's), which it calls after setting the flag.
+    """
+
+    def __init__(self) -> None:
+        self._local = False
+        self._previous: dict[int, Any] = {}
+
+    def set(self) -> None:
+        self._local = True
+
+    def install(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
+        for sig in signals:
+            prev = signal.getsignal(sig)
+            self._previous[sig] = prev
+
+            def handler(signum: int, frame: Any, prev: Any = prev) -> None:
+                self._local = True
+                if callable(prev):
+                    prev(signum, frame)
+
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank if any rank was signalled."""
+        flag = torch.tensor([1 if self._local else 0], dtype=torch.int32, device=dist.comm_device())
+        return bool(dist.all_reduce(flag, op="max").item())
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Engine:
+    """Runs a :class:`Method` under a strategy, with checkpoints, evaluation and metrics."""
+
+    def __init__(self, method: Method, cfg: TrainConfig, eval_cfg: EvalConfig, run_dir: str | os.PathLike[str],
+                 sinks: list[MetricsSink] | None = None, stop_flag: StopFlag | None = None) -> None:
+        self.method = method
+        self.cfg = cfg
+        self.eval_cfg = eval_cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.stop_flag = stop_flag or StopFlag()
+        info = dist.info()
+        self.device = info.device
+        precision = cfg.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        self.strategy = Strategy(self.device, precision)
+        if sinks is None:
+            sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), ConsoleSink(cfg.log_every)]
+        self.metrics = Metrics(sinks, enabled=dist.is_main())
+        self.hooks: list[Callable[[str, dict[str, Any]], None]] = []
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step_in_epoch: int,
+               global_step: int, best: dict[str, Any], initial: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": self.strategy.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "method": self.method.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "world_size": dist.get_world_size(),
+            "best": best,
+            "initial": initial,
+        }
+
+    def _save(self, *args: Any) -> None:
+        state = self._state(*args)
+        path = save_checkpoint(self.ckpt_dir, state["global_step"], state, keep=self.cfg.keep_checkpoints)
+        self.metrics.log("checkpoint", step=state["global_step"], epoch=state["epoch"],
+                         step_in_epoch=state["step_in_epoch"], path=str(path))
+
+    def _evaluate(self, model: nn.Module, epoch: int, global_step: int) -> dict[str, Any]:
+        inner = self.strategy.unwrap(model)
+        was_training = inner.training
+        inner.eval()
+        t0 = time.time()
+        results = self.method.evaluate(inner)
+        inner.train(was_training)
+        self.metrics.log("eval", epoch=epoch, step=global_step, seconds=round(time.time() - t0, 3), results=results)
+        return results
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical model init on every rank (DDP also broadcasts it)
+        model = self.method.build_model()
+        groups = self.method.param_groups(model) or param_groups(model, cfg.optim)
+        wrapped = self.strategy.wrap(model)
+        optimizer = build_optimizer(groups, cfg.optim)
+        schedule = EpochLR(optimizer, cfg.optim)
+        steps_per_epoch = self.method.steps_per_epoch()
+
+        epoch, step_in_epoch, global_step = 0, 0, 0
+        best: dict[str, Any] = {}
+        initial: dict[str, Any] = {}
+        ckpt = resolve_resume(cfg.resume, self.ckpt_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.strategy.load_state_dict(state["strategy"])
+            self.method.load_state_dict(state["method"])
+            epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+            best, initial = state.get("best", {}), state.get("initial", {})
+            self.metrics.log("resume", path=str(ckpt), epoch=epoch, step_in_epoch=step_in_epoch, step=global_step,
+                             world_size=dist.get_world_size(), saved_world_size=state.get("world_size"))
+        self.method.on_fit_start(model, resumed=ckpt is not None)
+        if ckpt is None and self.eval_cfg.at_start:
+            initial = self._evaluate(wrapped, -1, 0)
+
+        last: dict[str, Any] = {}
+        result_status = "finished"
+        while epoch < cfg.epochs:
+            schedule.set_epoch(epoch)
+            self.method.on_epoch_start(model, epoch, step_in_epoch)
+            wrapped.train()
+            t_last = time.time()
+            batches = self.method.train_batches(epoch, step_in_epoch)
+            for batch in batches:
+                batch = _to_device(batch, self.device)
+                with self.strategy.autocast():
+                    result = self.method.training_step(wrapped, batch)
+                self.strategy.backward_and_step(result.loss, optimizer)
+                self.method.after_optimizer_step(model, batch, result)
+                step_in_epoch += 1
+                global_step += 1
+                now = time.time()
+                n_img = int(batch["img"].shape[0]) * dist.get_world_size() if "img" in batch else 0
+                self.metrics.log("train", step=global_step, epoch=epoch, loss=float(result.loss.detach()),
+                                 lr=optimizer.param_groups[0]["lr"], sec=round(now - t_last, 4),
+                                 img_per_s=round(n_img / max(now - t_last, 1e-9), 2), **result.logs)
+                t_last = now
+                done_epoch = step_in_epoch >= steps_per_epoch
+                hit_max = cfg.max_steps > 0 and global_step >= cfg.max_steps
+                stop = self.stop_flag.agreed()
+                if done_epoch:
+                    break
+                if stop or hit_max or (cfg.ckpt_every_steps and global_step % cfg.ckpt_every_steps == 0):
+                    self._save(wrapped, optimizer, epoch, step_in_epoch, global_step, best, initial)
+                if stop or hit_max:
+                    return FitResult("stopped" if stop else "max_steps", global_step, epoch, best, last, initial)
+            if step_in_epoch < steps_per_epoch:
+                raise RuntimeError(f"epoch {epoch}: the method yielded {step_in_epoch} batches, expected "
+                                   f"{steps_per_epoch} (steps_per_epoch)")
+            # epoch end: evaluate, then checkpoint at the next epoch's start position
+            finished_epoch = epoch
+            epoch, step_in_epoch = epoch + 1, 0
+            if epoch % self.eval_cfg.period == 0 or epoch == cfg.epochs:
+                last = self._evaluate(wrapped, finished_epoch, global_step)
+                best = _update_best(best, last, finished_epoch)
+            save_now = epoch % cfg.ckpt_every_epochs == 0 or epoch == cfg.epochs or \
+                (cfg.ckpt_every_steps and global_step % cfg.ckpt_every_steps == 0)
+            stop = self.stop_flag.agreed()
+            hit_max = cfg.max_steps > 0 and global_step >= cfg.max_steps
+            if save_now or stop or hit_max:
+                self._save(wrapped, optimizer, epoch, step_in_epoch, global_step, best, initial)
+            if (stop or hit_max) and epoch < cfg.epochs:
+                return FitResult("stopped" if stop else "max_steps", global_step, epoch, best, last, initial)
+
+        if dist.is_main():
+            _atomic_save_safetensors(self.method.export_weights(model), self.run_dir / "model_final.safetensors")
+        dist.barrier()
+        self.metrics.log("end", status=result_status, step=global_step, best=best, last=last, initial=initial)
+        self.metrics.close()
+        return FitResult(result_status, global_step, epoch, best, last, initial)
+
+
+def _update_best(best: dict[str, Any], results: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """Best epoch per target by mAP (reported beside the last epoch; selection on the target is the
+    official repo's habit, so both are shown)."""
+    out = dict(best)
+    for target, m in results.items():
+        if not isinstance(m, dict) or "mAP" not in m:
+            continue
+        if target not in out or m["mAP"] > out[target]["mAP"]:
+            out[target] = {**m, "epoch": epoch}
+    return out
