@@ -65,9 +65,14 @@ class ShardInfo:
 
 @dataclass
 class SplitInfo:
+    """Counts of one split."""
+
     count: int
+    """Images in the split."""
     num_pids: int
+    """Distinct person ids (distractor pid 0 included where the gallery has it)."""
     num_cams: int
+    """1 + the largest 0-based camera id: offsetting the next source's cameras by it never collides."""
 
 
 @dataclass
