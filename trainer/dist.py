@@ -148,19 +148,40 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def all_gather_autograd(tensor: torch.Tensor) -> torch.Tensor:
-    """Like :func:`all_gather`, but gradients flow back to every rank's own slice.
+class _GatherAutograd(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the sum over ranks of the gradient
+    of its own slice. The incoming gradient is made contiguous first: a strided gradient (e.g.
+    after a transpose) would otherwise be filled in memory order by the collective (scrambled)."""
 
-    The backward of ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients
-    over ranks (reduce-scatter), which is what a loss computed identically on every rank needs
-    only if it is divided by nothing; callers that compute the *same* loss on every rank must
-    keep that in mind (see memory/bank.py).
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rows = tensor.shape[0]
+        return all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        rank, rows = get_rank(), ctx.rows
+        if dist.get_backend() == "nccl":
+            out = torch.empty((rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)  # gloo has no reduce-scatter
+        return grad[rank * rows : (rank + 1) * rows].clone()
+
+
+def all_gather_autograd(tensor: torch.Tensor) -> torch.Tensor:
+    """Like :func:`all_gather` (equal shapes), but differentiable: every rank's slice receives
+    the sum over ranks of the gradients flowing into it.
+
+    A loss computed from the gathered batch on every rank thus back-propagates into each rank's
+    own inputs; with DDP averaging parameter gradients over ranks, the sum-then-average gives the
+    single-process gradient when each rank's loss is the mean over its own samples (see
+    ``trainer/losses/csl.py`` for the convention worked through).
     """
     if not is_initialized():
         return tensor
-    from torch.distributed.nn.functional import all_gather as _ag
-
-    return torch.cat(_ag(tensor.contiguous()), dim=0)
+    return _GatherAutograd.apply(tensor.contiguous())
 
 
 def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:

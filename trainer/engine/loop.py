@@ -22,46 +22,11 @@ from trainer import dist
 from trainer.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.engine.method import Method
 from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
-from trainer.engine.optim import EpochLR, OptimConfig, build_optimizer, param_groups
+from trainer.config import EvalConfig, TrainConfig
+from trainer.engine.optim import EpochLR, build_optimizer, param_groups
 from trainer.engine.strategy import Strategy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """The loop's settings (method settings live with the method)."""
-
-    epochs: int = 60
-    """Number of epochs."""
-    seed: int = 1234
-    """Seeds model init, sampling and augmentation; the whole run is a function of it."""
-    precision: str = "auto"
-    """``auto`` (fp16 autocast + GradScaler on CUDA as the papers, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer and LR schedule."""
-    resume: str = "auto"
-    """``auto`` (newest complete checkpoint in the run dir, else start fresh), ``never``, or a checkpoint dir."""
-    ckpt_every_steps: int = 0
-    """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
-    ckpt_every_epochs: int = 1
-    """Checkpoint at the end of every N-th epoch (and always after the last)."""
-    keep_checkpoints: int = 3
-    """Complete checkpoints kept on disk (older ones removed); 0 keeps all."""
-    log_every: int = 10
-    """Console line every N steps (metrics.jsonl gets every step)."""
-    max_steps: int = 0
-    """Stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit. For tests."""
-
-
-@dataclass
-class EvalConfig:
-    """When to evaluate on the targets."""
-
-    period: int = 1
-    """Evaluate every N epochs and after the last one."""
-    at_start: bool = False
-    """Also evaluate the untrained (or pretrained) model before training."""
 
 
 @dataclass

@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-
-@dataclass
-class OptimConfig:
-    """Optimizer and per-epoch LR schedule."""
-
-    name: str = "sgd"
-    """``sgd`` (PAT, TMGF) or ``adam`` (O2CAP)."""
-    lr: float = 1e-3
-    """Base learning rate (PAT: 1e-3, 4e-4 when MSMT17 is a source; TMGF: 3.5e-4)."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 1e-4
-    """Applied to every trainable tensor, biases and norms included, as the official code does."""
-    bias_lr_factor: float = 2.0
-    """LR multiplier for bias parameters (PAT: 2, TMGF: 1)."""
-    schedule: str = "cosine"
-    """``cosine`` (timm CosineLRScheduler, PAT) or ``multistep`` (warm-up multi-step, TMGF/O2CAP)."""
-    warmup_epochs: int = 5
-    """Linear warm-up length in epochs."""
-    warmup_factor: float = 0.01
-    """Warm-up starts at ``warmup_factor * lr``."""
-    cosine_t_initial: int = 120
-    """Cosine period in epochs; the PAT repo hard-codes 120 with 60 epochs (LR ends near 0.5×base)."""
-    cosine_lr_min_factor: float = 0.002
-    """Cosine floor as a fraction of ``lr``."""
-    milestones: tuple[int, ...] = (20, 40)
-    """Multi-step decay epochs (0-based) for ``multistep``."""
-    gamma: float = 0.1
-    """Multi-step decay factor."""
+from trainer.config import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:

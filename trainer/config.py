@@ -1,0 +1,285 @@
+"""Structured configuration: every setting is a dataclass field with a docstring (torchtitan style).
+
+The dataclasses are registered with Hydra's ConfigStore as the schema of ``configs/config.yaml``;
+``compose(overrides)`` gives a validated :class:`Config`, the one object a run is a function of.
+Errors in overrides are one line naming the key or value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.models.registry import ModelConfig
+
+@dataclass
+class OptimConfig:
+    """Optimizer and per-epoch LR schedule."""
+
+    name: str = "sgd"
+    """``sgd`` (PAT, TMGF) or ``adam`` (O2CAP)."""
+    lr: float = 1e-3
+    """Base learning rate (PAT: 1e-3, 4e-4 when MSMT17 is a source; TMGF: 3.5e-4)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """Applied to every trainable tensor, biases and norms included, as the official code does."""
+    bias_lr_factor: float = 2.0
+    """LR multiplier for bias parameters (PAT: 2, TMGF: 1)."""
+    schedule: str = "cosine"
+    """``cosine`` (timm CosineLRScheduler, PAT) or ``multistep`` (warm-up multi-step, TMGF/O2CAP)."""
+    warmup_epochs: int = 5
+    """Linear warm-up length in epochs."""
+    warmup_factor: float = 0.01
+    """Warm-up starts at ``warmup_factor * lr``."""
+    cosine_t_initial: int = 120
+    """Cosine period in epochs; the PAT repo hard-codes 120 with 60 epochs (LR ends near 0.5×base)."""
+    cosine_lr_min_factor: float = 0.002
+    """Cosine floor as a fraction of ``lr``."""
+    milestones: tuple[int, ...] = (20, 40)
+    """Multi-step decay epochs (0-based) for ``multistep``."""
+    gamma: float = 0.1
+    """Multi-step decay factor."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop's settings (method settings live with the method)."""
+
+    epochs: int = 60
+    """Number of epochs."""
+    seed: int = 1234
+    """Seeds model init, sampling and augmentation; the whole run is a function of it."""
+    precision: str = "auto"
+    """``auto`` (fp16 autocast + GradScaler on CUDA as the papers, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in the run dir, else start fresh), ``never``, or a checkpoint dir."""
+    ckpt_every_steps: int = 0
+    """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
+    ckpt_every_epochs: int = 1
+    """Checkpoint at the end of every N-th epoch (and always after the last)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept on disk (older ones removed); 0 keeps all."""
+    log_every: int = 10
+    """Console line every N steps (metrics.jsonl gets every step)."""
+    max_steps: int = 0
+    """Stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit. For tests."""
+
+
+@dataclass
+class EvalConfig:
+    """When and how to evaluate on the targets."""
+
+    period: int = 1
+    """Evaluate every N epochs and after the last one."""
+    at_start: bool = False
+    """Also evaluate the untrained (or pretrained) model before training."""
+    batch_size: int = 128
+    """Images per inference batch (per rank)."""
+    rerank: bool = False
+    """k-reciprocal re-ranking (dense: for gallery sizes that fit in memory)."""
+    max_rank: int = 50
+    """Length of the CMC curve."""
+
+
+@dataclass
+class SynthSourceConfig:
+    """A synthetic dataset made on demand (``shards.synth`` then ``shards.pack``) when its shards are missing."""
+
+    layout: str = "market1501"
+    """Real layout written (``market1501``, ``dukemtmc``, ``msmt17``, ``cuhk03np``)."""
+    domain: str = "A"
+    """Domain style (palette, background, light): different domains differ like real datasets do."""
+    ids: int = 64
+    """Training identities."""
+    test_ids: int = 48
+    """Test identities (disjoint from training ones)."""
+    cams: int = 4
+    """Cameras, each with its own viewpoint and lighting."""
+    images_per_id_cam: int = 3
+    """Images per identity and camera."""
+    seed: int = 0
+    """Generator seed (same settings → byte-identical dataset)."""
+    size: tuple[int, int] = (128, 64)
+    """Image (height, width) as written to disk."""
+
+
+@dataclass
+class DataConfig:
+    """Where the packed datasets are and how batches are formed."""
+
+    root: str = "data/shards"
+    """Folder holding one packed dataset per sub-folder (``python -m shards.pack --out ROOT/NAME``)."""
+    sources: list[str] = field(default_factory=lambda: ["market1501"])
+    """Training datasets (sub-folders of ``root``), merged with pid/camid offsets and a domain id each."""
+    targets: list[str] = field(default_factory=lambda: ["dukemtmc"])
+    """Evaluation datasets (their query and gallery splits)."""
+    leave_one_out: list[str] = field(default_factory=list)
+    """Multi-source protocol: with ``target`` set, sources = this pool minus the target, targets = [target]."""
+    target: str | None = None
+    """The held-out dataset of the leave-one-out protocol (``data.target=market1501``)."""
+    ids_per_batch: int = 16
+    """P: identities per GLOBAL batch (split over ranks, whole identities per rank)."""
+    images_per_id: int = 4
+    """K: images per identity in a batch."""
+    num_workers: int = 4
+    """DataLoader workers per rank (decoding and augmentation run there)."""
+    store: str = "memory"
+    """``memory`` (encoded bytes held in RAM, the default) or ``wids`` (indexed reads from the tar shards)."""
+    synthetic: dict[str, SynthSourceConfig] = field(default_factory=dict)
+    """Synthetic datasets by name; a source/target with such a name is generated and packed under ``cache_dir``."""
+    cache_dir: str = ".cache/reid"
+    """Where synthetic datasets are generated and packed (reused across runs)."""
+    lgt_p: float = 0.0
+    """Local Grayscale Transformation probability (PAT paper era 0.5; the repo HEAD turned it off)."""
+    erasing_p: float = 0.0
+    """Random erasing probability (TMGF/O2CAP 0.5)."""
+    norm: str = "vit_jx"
+    """Normalisation preset: ``vit_jx`` (0.5/0.5, PAT), ``imagenet``, ``luperson`` (TMGF)."""
+
+    def resolved(self) -> tuple[list[str], list[str]]:
+        """(sources, targets) after applying the leave-one-out protocol."""
+        if self.target is None:
+            return list(self.sources), list(self.targets)
+        pool = self.leave_one_out or sorted({*self.sources, *self.targets})
+        if self.target not in pool:
+            raise ValueError(f"data.target={self.target!r}: expected one of {pool}")
+        return [d for d in pool if d != self.target], [self.target]
+
+
+@dataclass
+class PATConfig:
+    """PAT losses and memory (``reference/pat.md`` §2–§4); defaults are the paper's."""
+
+    csl: bool = True
+    """Cross-ID Similarity Learning on the part tokens (False: the Table 5 baseline)."""
+    csl_weight: float = 1.0
+    """Weight of the CSL term in Eq. 10."""
+    csl_k: int = 10
+    """Neighbours per part token in CSL."""
+    csl_scale: float = 0.02
+    """Scale on the squared L2 distance (the official PC_SCALE; equivalent temperature 50)."""
+    memory_momentum: float = 0.1
+    """Weight of the new feature in the bank update (M ← 0.9·M + 0.1·f)."""
+    psd: bool = True
+    """Part-guided Self-Distillation; False reproduces the repo HEAD, where it is silently off."""
+    psd_lambda: float = 0.5
+    """Share of the neighbour-identity distribution in the soft label."""
+    psd_weight: float = 0.5
+    """Weight of the soft-label branch in the ID loss."""
+    psd_repo_index_bug: bool = False
+    """True reproduces the repo's off-by-one neighbour-identity lookup."""
+    label_smoothing: float = 0.1
+    """ε of the label-smoothed ID loss."""
+    triplet: bool = True
+    """Soft-margin batch-hard triplet on the pre-BN cls feature."""
+
+
+@dataclass
+class Config:
+    """One run. ``python -m trainer.train exp=NAME key=value …`` composes it from ``configs/``."""
+
+    name: str = "default"
+    """Experiment name (set by each ``exp=`` file)."""
+    method: str = "pat"
+    """Training method: ``pat`` (supervised domain generalization) or ``tmgf`` (unsupervised)."""
+    run_dir: str = "runs/${name}"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, model_final.safetensors, plots/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pat: PATConfig = field(default_factory=PATConfig)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad override, key or value: the message is one line naming it."""
+
+
+def pat_lr(pool: list[str], target: str) -> float:
+    """PAT's base LR for a leave-one-out source set: 4e-4 when MSMT17 is a source, else 1e-3 (the paper)."""
+    return 4e-4 if "msmt17" in pool and target != "msmt17" else 1e-3
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("reid.pat_lr", lambda pool, target: pat_lr(list(pool), target), replace=True)
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Compose ``configs/config.yaml`` with ``overrides``; returns a validated :class:`Config`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base=None):
+            node = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(node)
+    except Exception as exc:
+        raise ConfigError(f"config: {_one_line(exc)}") from exc
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf errors span many lines (search paths, object types): keep what names the problem."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for line in str(e).splitlines():
+            line = line.strip()
+            if not line or "$VALUE" in line or line.startswith(("full_key", "object_type", "reference_type", "provider=",
+                                                                  "Config search", "To append")):
+                continue
+            if line.startswith("Available options"):
+                break
+            if line not in parts:
+                parts.append(line)
+        e = e.__cause__ or e.__context__
+    if "Could not find 'exp/" in " ".join(parts):
+        options = sorted(p.stem for p in (CONFIG_DIR / "exp").glob("*.yaml"))
+        parts = [parts[0], f"available: {', '.join(options)}"]
+    return "; ".join(parts[:3]) or type(exc).__name__
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks Hydra cannot express; raises :class:`ConfigError` naming the key."""
+    if cfg.method not in ("pat", "tmgf"):
+        raise ConfigError(f"method={cfg.method!r}: expected 'pat' or 'tmgf'")
+    try:
+        sources, targets = cfg.data.resolved()
+        cfg.model.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not sources:
+        raise ConfigError("data.sources is empty: expected at least one training dataset")
+    if cfg.data.ids_per_batch <= 0 or cfg.data.images_per_id <= 0:
+        raise ConfigError("data.ids_per_batch and data.images_per_id must be positive")
+    if cfg.train.epochs <= 0:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: expected > 0")
+    if cfg.eval.period <= 0:
+        raise ConfigError(f"eval.period={cfg.eval.period}: expected > 0")
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,68 @@
+"""Make sure every dataset a run names is packed; synthesize + pack the synthetic ones on demand.
+
+This is what makes ``exp=pat_smoke`` and the demo self-contained: a missing synthetic dataset is
+generated (``shards.synth``) and packed (``shards.pack``) into the cache once, by one process, under
+a lock file, and every later run reuses it. A missing real dataset is a one-line error telling
+the user how to pack it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from shards.records import MANIFEST
+from trainer import dist
+from trainer.config import DataConfig, SynthSourceConfig
+
+# Pack parser for each synthetic layout (CUHK03-NP is packed as its detected subset, as PAT uses).
+_PACK_NAME = {"market1501": "market1501", "dukemtmc": "dukemtmc", "msmt17": "msmt17", "cuhk03np": "cuhk03np_detected"}
+
+
+def dataset_dir(cfg: DataConfig, name: str) -> Path:
+    return Path(cfg.root) / name
+
+
+def _make_synthetic(name: str, spec: SynthSourceConfig, out: Path, cache: Path) -> None:
+    from shards.pack import pack
+    from shards.synth import SynthConfig, synthesize
+
+    raw = cache / "raw" / name
+    if raw.exists():  # a previous attempt died half-way: start clean (synthesis is deterministic)
+        shutil.rmtree(raw)
+    synthesize(SynthConfig(out=str(raw), **{k: v for k, v in asdict(spec).items()}))
+    pack(_PACK_NAME[spec.layout], raw, out)
+    shutil.rmtree(raw)
+
+
+def ensure_datasets(cfg: DataConfig) -> list[Path]:
+    """Collective: return the pack folders of sources + targets, creating synthetic ones if missing."""
+    sources, targets = cfg.resolved()
+    names = list(dict.fromkeys(sources + targets))
+    missing = [n for n in names if not (dataset_dir(cfg, n) / MANIFEST).is_file()]
+    unknown = [n for n in missing if n not in cfg.synthetic]
+    if unknown:
+        n = unknown[0]
+        raise FileNotFoundError(
+            f"data.root={cfg.root}: no packed dataset {n!r} ({dataset_dir(cfg, n) / MANIFEST} missing); "
+            f"pack it with `python -m shards.pack --dataset <layout> --root <dataset folder> --out {dataset_dir(cfg, n)}`")
+    if missing and _local_main():
+        cache = Path(cfg.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        Path(cfg.root).mkdir(parents=True, exist_ok=True)
+        with open(cache / ".prepare.lock", "w") as lock:  # one writer per filesystem, even across jobs
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for n in missing:
+                if not (dataset_dir(cfg, n) / MANIFEST).is_file():
+                    _make_synthetic(n, cfg.synthetic[n], dataset_dir(cfg, n), cache)
+    dist.barrier()
+    return [dataset_dir(cfg, n) for n in names]
+
+
+def _local_main() -> bool:
+    # Each node may have its own cache: the first rank of every node prepares (the lock serializes
+    # nodes that share a filesystem).
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0

@@ -1,0 +1,73 @@
+"""Pieces both methods share: stores of the configured datasets, transforms, target evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+from trainer import dist
+from trainer.config import Config
+from trainer.data.loader import build_inference_loader
+from trainer.data.prepare import dataset_dir, ensure_datasets
+from trainer.data.store import SampleIndex, SampleStore, WidsSampleStore
+from trainer.data.transforms import Pipeline, TransformConfig, build_transforms
+from trainer.evaluation.extract import extract_features
+from trainer.evaluation.rank import evaluate_features
+
+
+def open_store(cfg: Config, names: list[str], split: str, relabel: bool) -> SampleIndex:
+    roots = [dataset_dir(cfg.data, n) for n in names]
+    if cfg.data.store == "wids":
+        return WidsSampleStore.from_manifests(roots, split, relabel=relabel)
+    if cfg.data.store != "memory":
+        raise ValueError(f"data.store={cfg.data.store!r}: expected 'memory' or 'wids'")
+    return SampleStore.from_manifests(roots, split, relabel=relabel)
+
+
+def transforms(cfg: Config, train: bool) -> Pipeline:
+    t = TransformConfig(size=tuple(cfg.model.img_size), lgt_p=cfg.data.lgt_p, erasing_p=cfg.data.erasing_p,
+                        norm=cfg.data.norm)
+    return build_transforms(t, train=train)
+
+
+@dataclass
+class Target:
+    """Query and gallery of one evaluation dataset."""
+
+    name: str
+    query: SampleIndex
+    gallery: SampleIndex
+
+
+def open_targets(cfg: Config) -> list[Target]:
+    ensure_datasets(cfg.data)
+    _, targets = cfg.data.resolved()
+    return [Target(n, open_store(cfg, [n], "query", False), open_store(cfg, [n], "gallery", False)) for n in targets]
+
+
+@torch.no_grad()
+def extract(model: nn.Module, store: SampleIndex, transform: Pipeline, batch_size: int, num_workers: int,
+            inputs: tuple[str, ...] = ("img",)) -> torch.Tensor:
+    """Features of every sample of ``store`` in index order, on every rank (exact-once sharded).
+
+    The model is called as ``model(*batch[inputs])`` in eval mode (TMGF also takes ``camid``)."""
+    loader = build_inference_loader(store, transform, batch_size, num_workers)
+    return extract_features(model, loader, len(store), dist.info().device, inputs=inputs)
+
+
+def evaluate_targets(model: nn.Module, targets: list[Target], transform: Pipeline, batch_size: int,
+                     num_workers: int, rerank: bool = False, max_rank: int = 50,
+                     inputs: tuple[str, ...] = ("img",)) -> dict[str, dict[str, float]]:
+    """mAP / CMC / mINP on each target (Market-1501 protocol). Collective; every rank gets the numbers."""
+    out: dict[str, dict[str, float]] = {}
+    for t in targets:
+        qf = extract(model, t.query, transform, batch_size, num_workers, inputs)
+        gf = extract(model, t.gallery, transform, batch_size, num_workers, inputs)
+        m = evaluate_features(qf, gf, t.query.pid, t.gallery.pid, t.query.camid, t.gallery.camid,
+                              max_rank=max_rank, rerank=rerank)
+        cmc = m["cmc"]
+        out[t.name] = {"mAP": float(m["mAP"]), "R1": float(cmc[0]), "R5": float(cmc[min(4, len(cmc) - 1)]),
+                       "R10": float(cmc[min(9, len(cmc) - 1)]), "mINP": float(m["mINP"])}
+    return out
+

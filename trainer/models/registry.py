@@ -1,0 +1,130 @@
+"""Model registry: ``@register_model(name)`` builders and ``build_model(cfg, num_classes)``.
+
+A builder is ``fn(cfg: ModelConfig, num_classes: int) -> nn.Module``. ``build_model`` validates the
+config, calls the builder and then, when ``cfg.pretrained`` names a file, loads it with
+:func:`trainer.models.weights.load_pretrained` (which raises on anything that does not fit).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping, Optional
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+REGION_MODES = ("random", "fixed")
+NECK_FEATS = ("before", "after")
+
+
+@dataclass
+class ModelConfig:
+    """What to build. Defaults are PAT's (ViT-B/16 at 256x128, 3 parts)."""
+
+    name: str = "pat"
+    """Registered model: ``pat`` (part-aware transformer) or ``vit`` (the same ViT + BN-neck, no part tokens)."""
+    backbone: str = "vit_base_patch16_224"
+    """Backbone arch (``trainer.models.backbones.available_backbones()``): timm ``vit_base_patch16_224``,
+    ``vit_small_patch16_224``, ``deit_{tiny,small,base}_patch16_224``, or ``vit_test`` (depth 2, width 64)."""
+    img_size: tuple[int, int] = (256, 128)
+    """Input (height, width); with patch 16 the token grid is (H/16) x (W/16) = 16 x 8 for 256 x 128."""
+    pretrained: Optional[str] = None
+    """Local weight file (``.pth``/``.pt``, ``.npz``, ``.safetensors``) loaded into the backbone, or None."""
+    pretrained_grid: Optional[tuple[int, int]] = None
+    """Patch grid the pretrained position table was trained at; None infers it (square, or same as the model)."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth of the last block (linear from 0 over the blocks)."""
+    num_parts: int = 3
+    """Part tokens P (PAT). Bands of H/2 rows with evenly spaced tops (0, 4, 8 for P=3 on a 16-row grid)."""
+    part_regions: str = "random"
+    """Regions in training: ``random`` (official: a random sub-rectangle of each band, redrawn every forward)
+    or ``fixed`` (the full band)."""
+    test_part_regions: str = "fixed"
+    """Regions in eval mode. ``fixed`` (default) is deterministic; ``random`` reproduces the official code,
+    whose test features are stochastic."""
+    fixed_band_extra_row: bool = False
+    """``fixed`` bands span H/2 rows; True gives the official commented-out test band of H/2+1 rows (off by one)."""
+    region_seed: int = 0
+    """Seed of the region generator (the same on every rank, so every rank draws the same regions)."""
+    tie_part_tokens: bool = False
+    """True: all part tokens share one parameter (the published-era code used ``part_token1`` for all three)."""
+    freeze_patch_embed: bool = True
+    """Freeze the patch-embedding conv (PAT's FREEZE_PATCH_EMBED, the MoCo v3 trick)."""
+    neck_feat: str = "before"
+    """Eval-mode feature: ``before`` the BN-neck (PAT's test feature) or ``after`` it."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.part_regions not in REGION_MODES:
+            raise ValueError(f"model.part_regions={self.part_regions!r}; expected one of {REGION_MODES}")
+        if self.test_part_regions not in REGION_MODES:
+            raise ValueError(f"model.test_part_regions={self.test_part_regions!r}; expected one of {REGION_MODES}")
+        if self.neck_feat not in NECK_FEATS:
+            raise ValueError(f"model.neck_feat={self.neck_feat!r}; expected one of {NECK_FEATS}")
+        if self.num_parts < 0:
+            raise ValueError(f"model.num_parts={self.num_parts}; expected >= 0")
+        if len(tuple(self.img_size)) != 2:
+            raise ValueError(f"model.img_size={self.img_size!r}; expected (height, width)")
+        if self.pretrained_grid is not None and len(tuple(self.pretrained_grid)) != 2:
+            raise ValueError(f"model.pretrained_grid={self.pretrained_grid!r}; expected (rows, cols) or None")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate={self.drop_path_rate}; expected in [0, 1)")
+
+
+ModelBuilder = Callable[[ModelConfig, int], nn.Module]
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register ``builder(cfg, num_classes) -> nn.Module`` under ``name`` (a class works as the builder)."""
+
+    def deco(builder: ModelBuilder) -> ModelBuilder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = builder
+        return builder
+
+    return deco
+
+
+def available_models() -> list[str]:
+    """Names accepted as ``ModelConfig.name``."""
+    return sorted(_MODELS)
+
+
+def as_model_config(cfg: object) -> ModelConfig:
+    """A ``ModelConfig`` from itself, an OmegaConf node (Hydra) or a plain mapping."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        DictConfig = ()  # type: ignore[assignment]
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+        if isinstance(cfg, ModelConfig):
+            return cfg
+    if isinstance(cfg, Mapping):
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(map(str, cfg)) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; expected a subset of {sorted(known)}")
+        return ModelConfig(**cfg)
+    raise TypeError(f"model config must be a ModelConfig, an OmegaConf node or a mapping, got {type(cfg).__name__}")
+
+
+def build_model(cfg: ModelConfig | Mapping, num_classes: int) -> nn.Module:
+    """Build ``cfg.name`` with a ``num_classes``-way classifier and load ``cfg.pretrained`` if set."""
+    cfg = as_model_config(cfg)
+    if cfg.name not in _MODELS:
+        raise ValueError(f"unknown model {cfg.name!r}; expected one of {available_models()}")
+    cfg.validate()
+    model = _MODELS[cfg.name](cfg, num_classes)
+    if cfg.pretrained:
+        from .weights import load_pretrained
+
+        report = load_pretrained(model, cfg.pretrained, old_grid=cfg.pretrained_grid)
+        log.info("%s", report.summary())
+    return model
