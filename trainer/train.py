@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dist.init()
+    rank = dist.init().rank
     flag = StopFlag()
     flag.install()
     try:
         result = run(cfg, flag)
     finally:
         dist.shutdown()
-    if dist.get_rank() == 0:
+    if rank == 0:
         print(f"{result.status} at step {result.global_step} (epoch {result.epoch}); run dir {cfg.run_dir}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Models: timm ViT backbones, PAT and the ViT baseline, BN-neck heads, pretrained-weight loading.
+"""Models: timm ViT backbones, PAT and the ViT baseline, TMGF, BN-neck heads, pretrained-weight loading.
 
 ``build_model(ModelConfig(...), num_classes)`` is the entry point; importing this package registers
 every model (``available_models()``).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .registry import ModelConfig, available_models, build_model, register_model
 from . import pat as _pat  # noqa: F401  (registers "pat" and "vit")
+from . import tmgf as _tmgf  # noqa: F401  (registers "tmgf")
 from .backbones import available_backbones, build_vit, masked_block_forward
 from .heads import BNNeck
 from .pat import ModelOutput, PartAwareTransformer, PartRegion, ViTBaseline, part_attention_mask

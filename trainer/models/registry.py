@@ -1,8 +1,9 @@
 """Model registry: ``@register_model(name)`` builders and ``build_model(cfg, num_classes)``.
 
 A builder is ``fn(cfg: ModelConfig, num_classes: int) -> nn.Module``. ``build_model`` validates the
-config, calls the builder and then, when ``cfg.pretrained`` names a file, loads it with
-:func:`trainer.models.weights.load_pretrained` (which raises on anything that does not fit).
+config, calls the builder and then, when ``cfg.pretrained`` names a file, loads it with the model's own
+``load_pretrained_weights`` when it has one (TMGF), else :func:`trainer.models.weights.load_pretrained`
+(which raises on anything that does not fit).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 REGION_MODES = ("random", "fixed")
 NECK_FEATS = ("before", "after")
+TMGF_STEMS = ("ibn", "patch")
 
 
 @dataclass
@@ -54,6 +56,25 @@ class ModelConfig:
     """Freeze the patch-embedding conv (PAT's FREEZE_PATCH_EMBED, the MoCo v3 trick)."""
     neck_feat: str = "before"
     """Eval-mode feature: ``before`` the BN-neck (PAT's test feature) or ``after`` it."""
+    num_cams: int = 0
+    """Cameras C of the camera embedding (``tmgf``: required > 0; the method sets it from the data). Camera
+    ids are 0-based and offset per source, so every id must be < C. Not read by ``pat``/``vit``."""
+    cam_embed_coef: float = 3.0
+    """Weight λ_c of the camera embedding added to every token (``tmgf``; TMGF's ``SIE_COEF``).
+    0 builds no camera embedding at all (the camera ids are then only checked)."""
+    tmgf_stem: str = "ibn"
+    """``tmgf`` patch embedding: ``ibn`` (TransReID-SSL's IBN conv stem + kernel-8 projection) or ``patch``
+    (timm's plain 16x16 patch conv)."""
+    tmgf_granularities: tuple[int, ...] = (2, 3)
+    """``tmgf`` horizontal stripes per branch [K_1, K_2, ...] (paper Table 3: (2, 3), (2, 4), (3, 4)).
+    One branch per entry; a single entry = one branch (TMGF2: (2,), TMGF3: (3,)); () = one branch
+    and no parts (TMGF1, the baseline)."""
+    tmgf_duplicate_last_block: bool = True
+    """``tmgf``: each branch gets its own copy of the last block + final LayerNorm. False = one shared
+    copy whose tokens feed every partition (TMGF4, "w/o Dup."); the global feature is then its cls."""
+    tmgf_global: str = "mean"
+    """``tmgf`` global feature: ``mean`` of the branches' cls tokens (full TMGF), or ``cls1``/``cls2``/...
+    = the cls token of branch 1/2/... alone (TMGF5 / TMGF6)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -71,6 +92,17 @@ class ModelConfig:
             raise ValueError(f"model.pretrained_grid={self.pretrained_grid!r}; expected (rows, cols) or None")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate={self.drop_path_rate}; expected in [0, 1)")
+        if self.num_cams < 0:
+            raise ValueError(f"model.num_cams={self.num_cams}; expected >= 0")
+        if not self.cam_embed_coef >= 0.0:
+            raise ValueError(f"model.cam_embed_coef={self.cam_embed_coef}; expected >= 0")
+        if self.tmgf_stem not in TMGF_STEMS:
+            raise ValueError(f"model.tmgf_stem={self.tmgf_stem!r}; expected one of {TMGF_STEMS}")
+        if any(int(g) < 1 for g in self.tmgf_granularities):
+            raise ValueError(f"model.tmgf_granularities={list(self.tmgf_granularities)}; expected stripe counts >= 1")
+        glob = self.tmgf_global
+        if glob != "mean" and not (glob.startswith("cls") and glob[3:].isdigit() and int(glob[3:]) >= 1):
+            raise ValueError(f"model.tmgf_global={glob!r}; expected 'mean' or 'cls<branch>' (cls1, cls2, ...)")
 
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]
@@ -116,7 +148,11 @@ def as_model_config(cfg: object) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig | Mapping, num_classes: int) -> nn.Module:
-    """Build ``cfg.name`` with a ``num_classes``-way classifier and load ``cfg.pretrained`` if set."""
+    """Build ``cfg.name`` with a ``num_classes``-way classifier and load ``cfg.pretrained`` if set.
+
+    A model with a ``load_pretrained_weights(path, old_grid=...) -> LoadReport`` method loads the file
+    itself (its own key renaming, post-load steps); every other model goes through ``load_pretrained``.
+    """
     cfg = as_model_config(cfg)
     if cfg.name not in _MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; expected one of {available_models()}")
@@ -125,6 +161,11 @@ def build_model(cfg: ModelConfig | Mapping, num_classes: int) -> nn.Module:
     if cfg.pretrained:
         from .weights import load_pretrained
 
-        report = load_pretrained(model, cfg.pretrained, old_grid=cfg.pretrained_grid)
+        # A model that must adapt after loading (TMGF copies its last block into branches) loads itself.
+        own_loader = getattr(model, "load_pretrained_weights", None)
+        if callable(own_loader):
+            report = own_loader(cfg.pretrained, old_grid=cfg.pretrained_grid)
+        else:
+            report = load_pretrained(model, cfg.pretrained, old_grid=cfg.pretrained_grid)
         log.info("%s", report.summary())
     return model
