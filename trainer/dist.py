@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,11 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     The torchrun/TorchElastic variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
     ``MASTER_PORT``) select a distributed run; without them this is a single process and no
     process group is created. ``backend`` defaults to nccl when CUDA is available, gloo otherwise.
-    The device is set before the group is initialized, as NCCL requires.
+    The device is set before the group is initialized, as NCCL requires. Inside a submitit job
+    (SLURM or submitit's local executor) the same variables are first derived from the job
+    (:func:`export_job_env`).
     """
+    export_job_env()
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -229,8 +233,81 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
     return start, start + base + (1 if rank < extra else 0)
 
 
+# -- SLURM / submitit ---------------------------------------------------------------------------
+# Inside a submitit job every task is started by srun (or submitit's local controller) without the
+# torchrun variables. They are derived from submitit's JobEnvironment and exported, so that
+# init(), DataLoader workers and anything else reading RANK/LOCAL_RANK agree.
+
+_MASTER_PORT_BASE = 20000
+_MASTER_PORT_SPAN = 20000
+
+
+def master_port_for(job_id: str) -> int:
+    """Rendezvous port of a job: 20000 + job id mod 20000.
+
+    Deterministic, so every task of the job (and the job again after a requeue, which keeps its
+    id) picks the same port without talking; distinct for concurrent jobs sharing a node.
+    """
+    digits = re.sub(r"\D", "", str(job_id))
+    if not digits:
+        raise ValueError(f"job id {job_id!r}: expected a number (SLURM_JOB_ID)")
+    return _MASTER_PORT_BASE + int(digits) % _MASTER_PORT_SPAN
+
+
+def job_env_vars(job_env: Any) -> dict[str, str]:
+    """The env:// variables of a task, from a submitit ``JobEnvironment`` (or anything with its
+    attributes: ``cluster``, ``job_id``, ``global_rank``, ``local_rank``, ``num_tasks``,
+    ``num_nodes``, ``hostnames``).
+
+    MASTER_ADDR is the first host of the job's node list (rank 0 runs there: SLURM places tasks in
+    block order); submitit's local executor runs every task on this machine (127.0.0.1).
+    """
+    num_nodes = max(1, int(job_env.num_nodes))
+    if job_env.cluster == "local":
+        master = "127.0.0.1"
+    else:
+        hosts = list(job_env.hostnames)
+        if not hosts:
+            raise ValueError(f"job {job_env.job_id}: empty node list (SLURM_JOB_NODELIST)")
+        master = hosts[0]
+    return {
+        "RANK": str(job_env.global_rank),
+        "WORLD_SIZE": str(job_env.num_tasks),
+        "LOCAL_RANK": str(job_env.local_rank),
+        "LOCAL_WORLD_SIZE": str(max(1, int(job_env.num_tasks) // num_nodes)),
+        "MASTER_ADDR": master,
+        "MASTER_PORT": str(master_port_for(job_env.job_id)),
+    }
+
+
+def in_submitit_job() -> bool:
+    """True in a task started by submitit's SLURM or local executor (not under torchrun inside one)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local") and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def export_job_env() -> str:
+    """Find where this process runs and make the torchrun variables describe it.
+
+    Order: torchrun (``TORCHELASTIC_RUN_ID``: its variables are used as they are), a submitit job
+    (variables derived from ``submitit.JobEnvironment`` and exported, replacing any stale ones the
+    submitting shell exported into the job), explicit ``RANK``/``WORLD_SIZE`` variables, else a
+    single process. Returns ``torchrun``, ``submitit``, ``env`` or ``single``.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if in_submitit_job():
+        import submitit
+
+        os.environ.update(job_env_vars(submitit.JobEnvironment()))
+        return "submitit"
+    if "WORLD_SIZE" in os.environ:
+        return "env"
+    return "single"
+
+
 __all__ = [
     "DistInfo", "init", "info", "shutdown", "is_initialized", "get_rank", "get_world_size", "is_main",
     "barrier", "comm_device", "all_reduce", "broadcast", "all_gather", "all_gather_autograd",
-    "all_gather_variable", "all_gather_object", "broadcast_object", "shard_range"
+    "all_gather_variable", "all_gather_object", "broadcast_object", "shard_range",
+    "master_port_for", "job_env_vars", "in_submitit_job", "export_job_env",
 ]

@@ -43,8 +43,10 @@ class FitResult:
 class StopFlag:
     """Set by a signal handler on any rank; agreed on by all ranks at step boundaries.
 
-    Only the flag is set in the handler (no I/O), so it is safe to chain with other handlers (e.g.
-    submitit's), which it calls after setting the flag.
+    :meth:`install` sets only the flag (no I/O) and then calls the previous handler, which suits
+    torchrun. Under submitit the launcher installs its own trap instead (``launch/slurm.py``):
+    submitit's USR2 handler requeues and exits at once, so it must run only after the collective
+    save, never from inside the signal.
     """
 
     def __init__(self) -> None:
