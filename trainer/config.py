@@ -133,6 +133,10 @@ class DataConfig:
     """Synthetic datasets by name; a source/target with such a name is generated and packed under ``cache_dir``."""
     cache_dir: str = ".cache/reid"
     """Where synthetic datasets are generated and packed (reused across runs)."""
+    flip_p: float = 0.5
+    """Horizontal flip probability (train)."""
+    pad: int = 10
+    """Zero padding before the random crop back to the input size (train; 10 px at 256×128 in both papers)."""
     lgt_p: float = 0.0
     """Local Grayscale Transformation probability (PAT paper era 0.5; the repo HEAD turned it off)."""
     erasing_p: float = 0.0
@@ -178,6 +182,85 @@ class PATConfig:
     """Soft-margin batch-hard triplet on the pre-BN cls feature."""
 
 
+TMGF_CLUSTER_FEATURES = ("global", "concat")
+TMGF_REDUCTIONS = ("mean", "camera_groups")
+
+
+@dataclass
+class TMGFConfig:
+    """TMGF on O2CAP (``reference/tmgf_o2cap.md``); defaults are ``TMGF_full.yml``'s.
+
+    The loss fields carry the same names and defaults as ``trainer.losses.o2cap.O2CAPLossConfig``,
+    which the method builds from them field by field (this module sits below ``losses/`` and cannot
+    import it; a test keeps the two in step).
+    """
+
+    k1: int = 20
+    """k-reciprocal neighbourhood size of the Jaccard distance."""
+    k2: int = 6
+    """Query-expansion size (self + k2-1 nearest neighbours) of the Jaccard distance."""
+    eps: float = 0.5
+    """DBSCAN radius on the Jaccard distance (a neighbour means J <= eps); dataset-sensitive (0.4-0.7)."""
+    min_samples: int = 4
+    """DBSCAN core-point threshold, the point itself included."""
+    cluster_feature: str = "global"
+    """Feature clustered every epoch: ``global`` (slot 0, official) or ``concat`` (all slots concatenated)."""
+    cluster_distributed: bool = True
+    """Shard the Jaccard/DBSCAN work over the ranks (same labels as one process); False: every rank alone."""
+    knn_backend: str = "auto"
+    """k-NN backend of the clustering: ``torch`` (blocked GEMM, CUDA or CPU), ``faiss`` or ``auto``."""
+    use_ground_truth: bool = False
+    """The paper's "w/ GT" upper bound: proxies from the true training identities instead of DBSCAN."""
+    temperature: float = 0.07
+    """tau: association logits are cosine / tau."""
+    neg_k: int = 50
+    """Hard negative proxies per sample in both association losses (``BG_KNN``)."""
+    pos_k: int = 3
+    """Online positives: best per-camera nearest proxies kept (``POS_K``: 3 Market/MSMT17, 2 Duke)."""
+    balance_w: float = 0.15
+    """Weight of the instance-proxy cosine in the online balanced similarity (``BALANCE_W``)."""
+    part_weight: float = 0.1
+    """lambda_p: weight of the part losses (each averaged over the parts); 0 trains the global feature only."""
+    reduction: str = "mean"
+    """Batch reduction of the losses: ``mean`` (TMGF) or ``camera_groups`` (O2CAP: per-camera means, summed)."""
+    few_cams: str = "fill"
+    """Fewer cameras with proxies than ``pos_k``: ``fill`` (official) or ``clip`` (see ``losses/o2cap.py``)."""
+    momentum: float = 0.2
+    """mu of the proxy memory update M <- mu*M + (1-mu)*x (the new feature weighs 0.8)."""
+    iters_per_epoch: int = 200
+    """Optimizer steps per epoch, whatever the number of proxies (``TRAIN.ITERS``)."""
+    proxies_per_batch: int = 8
+    """Proxies per GLOBAL batch (class-uniform sampler; replaces ``data.ids_per_batch`` for TMGF)."""
+    images_per_proxy: int = 4
+    """Images per proxy in a batch (replaces ``data.images_per_id`` for TMGF); batch = 8 x 4 = 32."""
+    sync_bn_stats: bool = True
+    """Average BatchNorm running statistics over the ranks before every extraction, so that all ranks
+    extract (and cluster) with the same eval-mode model; no-op on one process."""
+    eval_clustering: bool = False
+    """At every evaluation also cluster the training set and report #clusters and their agreement with
+    the true identities (ARI/NMI; the labels are read for the report only)."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("k1", self.k1 >= 1, ">= 1"), ("k2", 1 <= self.k2 <= self.k1, "in [1, k1]"),
+            ("eps", 0.0 < self.eps < 1.0, "in (0, 1)"), ("min_samples", self.min_samples >= 1, ">= 1"),
+            ("cluster_feature", self.cluster_feature in TMGF_CLUSTER_FEATURES, f"one of {TMGF_CLUSTER_FEATURES}"),
+            ("knn_backend", self.knn_backend in ("auto", "torch", "faiss"), "one of ('auto', 'torch', 'faiss')"),
+            ("temperature", self.temperature > 0, "> 0"), ("neg_k", self.neg_k >= 0, ">= 0"),
+            ("pos_k", self.pos_k >= 1, ">= 1"), ("balance_w", 0.0 <= self.balance_w <= 1.0, "in [0, 1]"),
+            ("part_weight", self.part_weight >= 0, ">= 0"),
+            ("reduction", self.reduction in TMGF_REDUCTIONS, f"one of {TMGF_REDUCTIONS}"),
+            ("few_cams", self.few_cams in ("fill", "clip"), "one of ('fill', 'clip')"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+            ("iters_per_epoch", self.iters_per_epoch >= 1, ">= 1"),
+            ("proxies_per_batch", self.proxies_per_batch >= 1, ">= 1"),
+            ("images_per_proxy", self.images_per_proxy >= 1, ">= 1"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"tmgf.{name}={getattr(self, name)!r}: expected {expected}")
+
+
 @dataclass
 class Config:
     """One run. ``python -m trainer.train exp=NAME key=value …`` composes it from ``configs/``."""
@@ -193,6 +276,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pat: PATConfig = field(default_factory=PATConfig)
+    tmgf: TMGFConfig = field(default_factory=TMGFConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -1,8 +1,9 @@
-"""``python -m trainer.demo [key=value …]`` — the whole system on an embedded default, on this machine.
+"""``python -m trainer.demo [exp=NAME] [key=value …]`` — the whole system on an embedded default.
 
 Synthesizes two domains of persons (``exp=pat_demo``: domain A to train, domain B as the unseen
-target), packs and verifies their shards, trains PAT with 2 local gloo processes, evaluates on the
-target before and after, prints a table and writes a PNG of the curves.
+target), packs and verifies their shards, trains with 2 local gloo processes submitted through
+``launch/slurm.py --cluster local`` (the path a cluster user takes), evaluates on the target before
+and after, prints a table and writes a PNG of the curves. ``exp=tmgf_demo`` does the same for TMGF.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = ["exp=pat_demo"] + list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    exp = [a for a in args if a.startswith("exp=")] or ["exp=pat_demo"]
+    overrides = exp + [a for a in args if not a.startswith("exp=")]
     try:
         cfg = compose(overrides)
     except ConfigError as exc:
@@ -43,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/4] verify shards (hashes, keys, every image decoded)", flush=True)
     for folder in folders:
         print("      " + summary(verify(folder, decode=True), folder).replace("\n", "\n      "))
-    print(f"[3/4] train PAT with {NPROC} local processes (gloo): {cfg.run_dir}", flush=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
-           "-m", "trainer.train", *overrides]
+    print(f"[3/4] train with {NPROC} local processes (gloo) through the SLURM launcher's local cluster: "
+          f"{cfg.run_dir}", flush=True)
+    # The same path a cluster user takes: launch/slurm.py composes, writes the run dir and submits.
+    launcher = Path(__file__).resolve().parents[1] / "launch" / "slurm.py"
+    cmd = [sys.executable, str(launcher), "--cluster", "local", "--nodes", "1", f"--tasks-per-node={NPROC}",
+           "--cpus-per-task", "1", "--time", "60", "--wait", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rc = subprocess.call(cmd, env=env)
     if rc != 0:

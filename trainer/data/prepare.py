@@ -9,12 +9,13 @@ the user how to pack it.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from shards.records import MANIFEST
+from shards.records import MANIFEST, atomic_write_bytes
 from trainer import dist
 from trainer.config import DataConfig, SynthSourceConfig
 
@@ -26,6 +27,24 @@ def dataset_dir(cfg: DataConfig, name: str) -> Path:
     return Path(cfg.root) / name
 
 
+def _spec_file(cache: Path, name: str) -> Path:
+    return cache / "specs" / f"{name}.json"
+
+
+def _spec_json(spec: SynthSourceConfig) -> str:
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}, sort_keys=True)
+
+
+def _is_current(cfg: DataConfig, name: str) -> bool:
+    """A synthetic pack is reused only if it was made from the same settings (else it is remade)."""
+    if not (dataset_dir(cfg, name) / MANIFEST).is_file():
+        return False
+    if name not in cfg.synthetic:
+        return True
+    f = _spec_file(Path(cfg.cache_dir), name)
+    return f.is_file() and f.read_text() == _spec_json(cfg.synthetic[name])
+
+
 def _make_synthetic(name: str, spec: SynthSourceConfig, out: Path, cache: Path) -> None:
     from shards.pack import pack
     from shards.synth import SynthConfig, synthesize
@@ -34,15 +53,17 @@ def _make_synthetic(name: str, spec: SynthSourceConfig, out: Path, cache: Path) 
     if raw.exists():  # a previous attempt died half-way: start clean (synthesis is deterministic)
         shutil.rmtree(raw)
     synthesize(SynthConfig(out=str(raw), **{k: v for k, v in asdict(spec).items()}))
-    pack(_PACK_NAME[spec.layout], raw, out)
+    pack(_PACK_NAME[spec.layout], raw, out, overwrite=True)
     shutil.rmtree(raw)
+    _spec_file(cache, name).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(_spec_file(cache, name), _spec_json(spec).encode())
 
 
 def ensure_datasets(cfg: DataConfig) -> list[Path]:
     """Collective: return the pack folders of sources + targets, creating synthetic ones if missing."""
     sources, targets = cfg.resolved()
     names = list(dict.fromkeys(sources + targets))
-    missing = [n for n in names if not (dataset_dir(cfg, n) / MANIFEST).is_file()]
+    missing = [n for n in names if not _is_current(cfg, n)]
     unknown = [n for n in missing if n not in cfg.synthetic]
     if unknown:
         n = unknown[0]
@@ -56,7 +77,7 @@ def ensure_datasets(cfg: DataConfig) -> list[Path]:
         with open(cache / ".prepare.lock", "w") as lock:  # one writer per filesystem, even across jobs
             fcntl.flock(lock, fcntl.LOCK_EX)
             for n in missing:
-                if not (dataset_dir(cfg, n) / MANIFEST).is_file():
+                if not _is_current(cfg, n):
                     _make_synthetic(n, cfg.synthetic[n], dataset_dir(cfg, n), cache)
     dist.barrier()
     return [dataset_dir(cfg, n) for n in names]

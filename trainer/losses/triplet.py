@@ -7,14 +7,19 @@ to another ID. Soft margin (PAT, ``NO_MARGIN=True``): ``mean log(1 + exp(−(d_a
 (``nn.SoftMarginLoss`` with target 1); hard margin: ``mean max(0, d_ap − d_an + margin)``.
 An anchor without any negative contributes ``d_an = +inf`` (zero loss, zero gradient).
 
-Under DDP it is computed on each rank's local batch (the identity sampler gives every rank whole
-identities, so positives are local); DDP's gradient averaging then yields the mean over ranks.
+Under DDP (``global_batch=True``, the default) each rank's anchors are mined against the whole
+global batch, all-gathered with autograd, so the hardest negative is the one a single process would
+find; the rank returns the mean over its own anchors and DDP's gradient averaging yields exactly
+the single-process gradient (the convention of ``trainer/losses/csl.py``). Every rank must call it
+with the same local batch size.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from trainer import dist
 
 
 def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -23,16 +28,21 @@ def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return d2.clamp(min=1e-12).sqrt()
 
 
-def hard_example_mining(dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hardest positive (max, self included) and hardest negative (min) distance per anchor."""
-    same = labels[:, None] == labels[None, :]
+def hard_example_mining(dist: torch.Tensor, labels: torch.Tensor,
+                        cand_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hardest positive (max, self included) and hardest negative (min) distance per anchor (row);
+    columns are the candidates (``cand_labels``; the anchors themselves when None)."""
+    same = labels[:, None] == (labels if cand_labels is None else cand_labels)[None, :]
     d_ap = torch.where(same, dist, torch.full_like(dist, float("-inf"))).amax(1)
     d_an = torch.where(~same, dist, torch.full_like(dist, float("inf"))).amin(1)
     return d_ap, d_an
 
 
-def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
-    """Batch-hard triplet on ``feats`` ``B×D``; ``margin=None`` → soft margin (PAT's setting)."""
+def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = None,
+                 global_batch: bool = True) -> torch.Tensor:
+    """Batch-hard triplet on ``feats`` ``B×D``; ``margin=None`` → soft margin (PAT's setting).
+
+    ``global_batch``: under DDP, mine against the all-gathered batch of every rank (collective)."""
     if feats.dim() != 2 or labels.shape != (feats.shape[0],):
         raise ValueError(
             f"triplet_loss: feats {tuple(feats.shape)} / labels {tuple(labels.shape)}: expected (B, D), (B,)"
@@ -40,7 +50,11 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None
     if margin is not None and margin < 0:
         raise ValueError(f"triplet_loss margin={margin}: expected >= 0 or None (soft margin)")
     f = feats if feats.dtype == torch.float64 else feats.float()
-    d_ap, d_an = hard_example_mining(euclidean_dist(f, f), labels)
+    if global_batch and dist.get_world_size() > 1:
+        all_f = dist.all_gather_autograd(f)
+        d_ap, d_an = hard_example_mining(euclidean_dist(f, all_f), labels, dist.all_gather(labels))
+    else:
+        d_ap, d_an = hard_example_mining(euclidean_dist(f, f), labels)
     diff = d_an - d_ap
     if margin is None:
         return F.softplus(-diff).mean()  # log(1 + exp(−diff)) = SoftMarginLoss(diff, 1)

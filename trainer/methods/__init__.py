@@ -14,7 +14,13 @@ def _pat(cfg: Config) -> Method:
     return PATMethod(cfg)
 
 
-METHODS: dict[str, Callable[[Config], Method]] = {"pat": _pat}
+def _tmgf(cfg: Config) -> Method:
+    from trainer.methods.tmgf import TMGFMethod
+
+    return TMGFMethod(cfg)
+
+
+METHODS: dict[str, Callable[[Config], Method]] = {"pat": _pat, "tmgf": _tmgf}
 
 
 def build_method(cfg: Config) -> Method:

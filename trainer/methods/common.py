@@ -26,8 +26,9 @@ def open_store(cfg: Config, names: list[str], split: str, relabel: bool) -> Samp
 
 
 def transforms(cfg: Config, train: bool) -> Pipeline:
-    t = TransformConfig(size=tuple(cfg.model.img_size), lgt_p=cfg.data.lgt_p, erasing_p=cfg.data.erasing_p,
-                        norm=cfg.data.norm)
+    d = cfg.data
+    t = TransformConfig(size=tuple(cfg.model.img_size), flip_p=d.flip_p, pad=d.pad, lgt_p=d.lgt_p,
+                        erasing_p=d.erasing_p, norm=d.norm)
     return build_transforms(t, train=train)
 
 

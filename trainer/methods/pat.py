@@ -70,18 +70,21 @@ class PATMethod(Method):
     def on_fit_start(self, model: nn.Module, resumed: bool) -> None:
         if not self.uses_bank or resumed:
             return
-        # Fill the bank with one pass over the whole training set (train transform, train mode,
-        # no grad), as the official init does. The region generator is restored afterwards so
-        # that every rank keeps drawing the same regions in training (their passes differ in length).
+        # Fill the bank with one pass over the whole training set (train transform, train mode, no
+        # grad), as the official init does. One region draw serves the whole pass (the official code
+        # draws per batch): the bank then does not depend on how the pass is split over ranks. The
+        # region generator is restored afterwards so training draws the same regions as without it.
         regions = model.regions.get_extra_state()
         model.train()
+        device = dist.info().device
+        mask = model.attention_mask(device)
         loader = build_inference_loader(self.train_store, self.train_tf, self.cfg.eval.batch_size,
                                         self.cfg.data.num_workers, seed=self.cfg.train.seed)
-        device = dist.info().device
         for batch in loader:
-            out = model(batch["img"].to(device))
-            self.bank.initialize(batch["index"].to(device), out.parts.float(), batch["pid"].to(device))
-        # ranks with fewer batches still take part in the remaining collective writes
+            tokens = model.forward_tokens(batch["img"].to(device), mask)
+            parts = tokens[:, 1 : 1 + model.num_parts].float()
+            self.bank.initialize(batch["index"].to(device), parts, batch["pid"].to(device))
+        # bank writes are collective: ranks with fewer batches join the remaining ones empty-handed
         n_local = len(loader)
         n_max = int(dist.all_reduce(torch.tensor([n_local], device=dist.comm_device()), op="max").item())
         empty_f = torch.zeros(0, model.num_parts, model.feat_dim, device=device)

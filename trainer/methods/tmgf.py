@@ -1,0 +1,331 @@
+"""TMGF on O2CAP (WACV'23 W) as an engine method: unsupervised, re-clustered every epoch.
+
+At the start of every epoch (``reference/tmgf_o2cap.md`` §0–§2)::
+
+    features [N, S, D] of all training images   exact-once sharded extraction, eval mode, test
+                                                transform, camera ids; gathered on every rank
+    labels  = jaccard_dbscan(features[:, 0])    k-reciprocal Jaccard + DBSCAN, -1 = outlier (dropped)
+    proxies = make_camera_proxies(labels, cam)  one proxy per (cluster, camera)
+    memory  <- proxy_centers(features)          every slot (global + parts), same proxy ids
+    sampler <- proxy labels                     class-uniform: 8 proxies x 4 images, 200 steps
+
+then per step: ``feats = model(img, camid)`` → ``tmgf_loss`` against the pre-update memory →
+optimizer step → ``memory.update`` with the all-gathered detached features (replicated memory,
+identical on every rank). The training labels are never read, except by the "w/ GT" variant
+(``tmgf.use_ground_truth``) and by the clustering report (ARI/NMI against the truth).
+
+Resume: pseudo labels, proxies, memory and the sampler's position travel in the checkpoint; a
+resume inside an epoch (``step_in_epoch > 0``) keeps them and does **not** re-cluster, so an
+interrupted run ends bit-identical to an uninterrupted one. A resume at an epoch boundary
+re-clusters like the uninterrupted run does at that point.
+
+Cluster statistics: every re-clustering's numbers (``clusters``, ``outliers``, ``proxies``, and
+``ari``/``nmi`` against the true identities, for the record only) are added to the logs of the
+first training step after it, so they land in that step's ``train`` record of ``metrics.jsonl``;
+:attr:`TMGFMethod.history` keeps them all (and travels in the checkpoint).
+
+Several ranks: BatchNorm running statistics are per rank under DDP, so before every extraction
+they are averaged over the ranks (``tmgf.sync_bn_stats``): all ranks then extract with one and the
+same eval-mode model, and the pseudo-labelling step of world = W equals that of world = 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import fields
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import dist
+from trainer.cluster import jaccard_dbscan
+from trainer.cluster.proxies import CameraProxies, make_camera_proxies, proxy_centers
+from trainer.config import Config, TMGFConfig
+from trainer.data.loader import TrainLoader, build_train_loader
+from trainer.data.prepare import ensure_datasets
+from trainer.engine.method import Method, StepResult
+from trainer.losses.o2cap import O2CAPLossConfig, ProxyTables, tmgf_loss
+from trainer.memory.proxy import ProxyMemory
+from trainer.methods.common import evaluate_targets, extract, open_store, open_targets, transforms
+from trainer.models import build_model
+
+log = logging.getLogger(__name__)
+
+_CAM_INPUTS = ("img", "camid")
+
+
+def o2cap_loss_config(t: TMGFConfig) -> O2CAPLossConfig:
+    """The loss hyper-parameters of ``tmgf`` (same field names as :class:`O2CAPLossConfig`)."""
+    return O2CAPLossConfig(**{f.name: getattr(t, f.name) for f in fields(O2CAPLossConfig)})
+
+
+class AllSlots(nn.Module):
+    """``model(img, camid)`` [B, S, D] flattened to [B, S*D] (the extractor gathers 2-D features)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # the extractor restores this mode afterwards: keep the model's own
+
+    def forward(self, img: torch.Tensor, camid: torch.Tensor) -> torch.Tensor:
+        return self.model(img, camid).flatten(1)
+
+
+class GlobalFeature(nn.Module):
+    """Slot 0 (the global feature) of ``model(img, camid)``: the test-time feature (§8)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # the extractor restores this mode afterwards: keep the model's own
+
+    def forward(self, img: torch.Tensor, camid: torch.Tensor) -> torch.Tensor:
+        return self.model(img, camid)[:, 0]
+
+
+@torch.no_grad()
+def average_bn_stats(model: nn.Module) -> None:
+    """Average every BatchNorm's running mean/var over the ranks (collective; identity on one process)."""
+    world = dist.get_world_size()
+    if world <= 1:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            for buf in (m.running_mean, m.running_var):
+                t = buf.detach().to(dist.comm_device(), torch.float64)
+                buf.copy_((dist.all_reduce(t) / world).to(buf.device, buf.dtype))
+
+
+def cluster_features(feats: torch.Tensor, which: str) -> torch.Tensor:
+    """[N, S, D] slot features -> [N, D'] the clustering runs on."""
+    if which == "global":
+        return feats[:, 0]
+    if which == "concat":
+        return F.normalize(F.normalize(feats.float(), dim=-1).flatten(1), dim=-1)
+    raise ValueError(f"tmgf.cluster_feature={which!r}: expected 'global' or 'concat'")
+
+
+def clustering_stats(labels: np.ndarray, proxies: CameraProxies | None, truth: np.ndarray) -> dict[str, float]:
+    """#clusters / #outliers / #proxies and the agreement with the true identities (report only)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    keep = labels >= 0
+    out: dict[str, float] = {
+        "clusters": int(labels.max()) + 1 if keep.any() else 0,
+        "outliers": int((~keep).sum()),
+        "true_ids": int(np.unique(truth).size),
+    }
+    if proxies is not None:
+        out["proxies"] = proxies.num_proxies
+    # outliers count as singletons, so a run that drops everything does not look perfect
+    singles = np.where(keep, labels, labels.max(initial=-1) + 1 + np.arange(labels.size))
+    out["ari"] = float(adjusted_rand_score(truth, singles))
+    out["nmi"] = float(normalized_mutual_info_score(truth, singles))
+    return out
+
+
+class TMGFMethod(Method):
+    """TMGF/O2CAP: per-epoch pseudo labels, camera-aware proxy memories, offline + online losses."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.t = cfg.tmgf
+        ensure_datasets(cfg.data)
+        sources, _ = cfg.data.resolved()
+        self.train_store = open_store(cfg, sources, "train", relabel=True)
+        self.targets = open_targets(cfg)
+        for target in self.targets:
+            for split in (target.query, target.gallery):
+                top = int(split.camid.max()) + 1 if len(split) else 0
+                if top > self.train_store.num_cams:
+                    raise ValueError(f"data.targets: {target.name} {split.split} has camera ids up to {top - 1} but "
+                                     f"the training set has {self.train_store.num_cams} cameras; TMGF's camera "
+                                     "embedding is indexed by camera (test on the training dataset's own cameras)")
+        self.train_tf = transforms(cfg, train=True)
+        self.test_tf = transforms(cfg, train=False)
+        self.loss_cfg = o2cap_loss_config(self.t)
+        self.device = dist.info().device
+        self.loader: TrainLoader | None = None
+        self.memory: ProxyMemory | None = None
+        self.proxies: CameraProxies | None = None
+        self.tables: ProxyTables | None = None
+        self.labels: np.ndarray | None = None
+        """[N] cluster label of every training image at the current epoch (-1 = outlier)."""
+        self.proxy_of: torch.Tensor | None = None
+        self.epoch_of_labels = -1
+        """The epoch the current pseudo labels were made for (checked on a mid-epoch resume)."""
+        self.history: list[dict[str, Any]] = []
+        """Clustering statistics per re-clustering (epoch, clusters, outliers, proxies, ari, nmi, seconds)."""
+        self.clusterings = 0
+        """Re-clusterings run in this process (a mid-epoch resume must run none before the next epoch)."""
+        self._pending_logs: dict[str, float] = {}
+
+    # -- model ---------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        # the camera embedding is sized by the data: every (offset) camera id of the sources
+        if self.cfg.model.num_cams < self.train_store.num_cams:
+            self.cfg.model.num_cams = self.train_store.num_cams
+        model = build_model(self.cfg.model, num_classes=0)
+        for attr in ("num_slots", "feat_dim"):
+            if not hasattr(model, attr):
+                raise TypeError(f"model.name={self.cfg.model.name!r}: TMGF needs a model with `{attr}` returning "
+                                "[B, slots, dim] features from model(img, camid) (e.g. model.name=tmgf)")
+        self.memory = ProxyMemory(int(model.num_slots), 0, int(model.feat_dim), momentum=self.t.momentum,
+                                  device=self.device)
+        return model
+
+    def steps_per_epoch(self) -> int:
+        return self.t.iters_per_epoch
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict[str, torch.Tensor]]:
+        if self.loader is None:
+            raise RuntimeError("TMGF: no pseudo labels yet (on_epoch_start must run before train_batches)")
+        self.loader.set_epoch(epoch)
+        self.loader.load_state_dict({**self.loader.state_dict(), "epoch": epoch, "cursor": start_step})
+        return self.loader
+
+    # -- pseudo labels -------------------------------------------------------------------------
+    def on_epoch_start(self, model: nn.Module, epoch: int, step_in_epoch: int) -> None:
+        if step_in_epoch > 0:
+            # mid-epoch resume: the labels, proxies and memory of this epoch came with the checkpoint
+            if self.epoch_of_labels != epoch or self.proxies is None:
+                raise RuntimeError(f"TMGF: resuming epoch {epoch} at step {step_in_epoch}, but the checkpoint's pseudo "
+                                   f"labels are from epoch {self.epoch_of_labels}")
+            return
+        self.recluster(model, epoch)
+
+    @torch.no_grad()
+    def extract_train(self, model: nn.Module) -> torch.Tensor:
+        """[N, S, D] eval-mode features of every training image (every rank, index order)."""
+        if self.t.sync_bn_stats:
+            average_bn_stats(model)
+        flat = extract(AllSlots(model), self.train_store, self.test_tf, self.cfg.eval.batch_size,
+                       self.cfg.data.num_workers, inputs=_CAM_INPUTS)
+        return flat.view(flat.shape[0], int(model.num_slots), -1)
+
+    def cluster(self, feats: torch.Tensor, ground_truth: bool | None = None) -> np.ndarray:
+        """Cluster labels (identical on every rank) of the [N, S, D] features, or the truth (w/ GT)."""
+        if self.t.use_ground_truth if ground_truth is None else ground_truth:
+            return np.asarray(self.train_store.pid, dtype=np.int64).copy()
+        x = cluster_features(feats, self.t.cluster_feature)
+        kw = dict(k1=self.t.k1, k2=self.t.k2, eps=self.t.eps, min_samples=self.t.min_samples,
+                  knn_backend=self.t.knn_backend)
+        if dist.get_world_size() > 1 and self.t.cluster_distributed:
+            return jaccard_dbscan(x, distributed=True, **kw)
+        # one rank clusters, the others receive its labels (identical everywhere by construction)
+        labels = jaccard_dbscan(x, **kw) if dist.is_main() else np.zeros(x.shape[0], np.int64)
+        if dist.get_world_size() > 1:
+            t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(dist.comm_device())
+            labels = dist.broadcast(t, src=0).cpu().numpy()
+        return labels
+
+    def recluster(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        """Extract, cluster, split into camera proxies and rebuild the memory and the sampler."""
+        t0 = time.time()
+        feats = self.extract_train(model)
+        t1 = time.time()
+        labels = self.cluster(feats)
+        proxies = make_camera_proxies(labels, self.train_store.camid, num_cams=self.train_store.num_cams)
+        if proxies.num_proxies < self.t.proxies_per_batch:
+            raise RuntimeError(f"TMGF epoch {epoch}: clustering left {proxies.num_proxies} proxies "
+                               f"({int((labels < 0).sum())} of {labels.size} images are outliers), fewer than "
+                               f"tmgf.proxies_per_batch={self.t.proxies_per_batch}: tune tmgf.eps (lower splits merged "
+                               "clusters, higher admits outliers) and tmgf.min_samples")
+        centers = proxy_centers(feats.transpose(0, 1), proxies.proxy_labels, proxies.num_proxies)
+        assert self.memory is not None, "build_model() creates the memory"
+        self.memory.init_from_centers(centers)
+        self._install(labels, proxies, epoch)
+        self.clusterings += 1
+        stats = {"epoch": epoch, **clustering_stats(labels, proxies, self.train_store.pid),
+                 "extract_s": round(t1 - t0, 3), "cluster_s": round(time.time() - t1, 3)}
+        self.history.append(stats)
+        self._pending_logs = {k: float(v) for k, v in stats.items()
+                              if k in ("clusters", "outliers", "proxies", "ari", "nmi")}
+        if dist.is_main():
+            log.info("TMGF epoch %d: %d clusters, %d outliers, %d proxies (ARI %.3f) in %.1fs", epoch,
+                     stats["clusters"], stats["outliers"], stats["proxies"], stats["ari"], time.time() - t0)
+        return stats
+
+    def _install(self, labels: np.ndarray, proxies: CameraProxies, epoch: int) -> None:
+        """Make ``proxies`` the current pseudo labels: lookup tables, sampler labels."""
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.proxies = proxies
+        self.tables = ProxyTables.from_proxies(proxies, self.device)
+        self.proxy_of = torch.as_tensor(proxies.proxy_labels, dtype=torch.long, device=self.device)
+        self.epoch_of_labels = int(epoch)
+        if self.loader is None:
+            self.loader = build_train_loader(
+                self.train_store, self.train_tf, self.t.proxies_per_batch, self.t.images_per_proxy,
+                seed=self.cfg.train.seed, num_workers=self.cfg.data.num_workers,
+                steps_per_epoch=self.t.iters_per_epoch, pids=proxies.proxy_labels, policy="class_uniform")
+        else:
+            self.loader.set_pids(proxies.proxy_labels)
+
+    # -- step ----------------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
+        assert self.memory is not None and self.tables is not None and self.proxy_of is not None
+        feats = model(batch["img"], batch["camid"])  # [B, S, D]
+        proxy_ids = self.proxy_of[batch["index"]]
+        out = tmgf_loss(feats, self.memory.memory, proxy_ids, self.tables, self.loss_cfg)
+        logs = {k: float(out[k]) for k in ("global_off", "global_on", "part_off", "part_on")}
+        if self._pending_logs:
+            logs.update(self._pending_logs)
+            self._pending_logs = {}
+        return StepResult(out["loss"], logs, extras={"features": feats.detach(), "proxy_ids": proxy_ids})
+
+    def after_optimizer_step(self, model: nn.Module, batch: dict[str, torch.Tensor], result: StepResult) -> None:
+        assert self.memory is not None
+        self.memory.update(result.extras["features"], result.extras["proxy_ids"])
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        e = self.cfg.eval
+        if self.t.sync_bn_stats:
+            average_bn_stats(model)
+        out = evaluate_targets(GlobalFeature(model), self.targets, self.test_tf, e.batch_size,
+                               self.cfg.data.num_workers, rerank=e.rerank, max_rank=e.max_rank, inputs=_CAM_INPUTS)
+        if self.t.eval_clustering:
+            feats = self.extract_train(model)
+            labels = self.cluster(feats, ground_truth=False)  # the features' clustering, also for w/ GT
+            proxies = make_camera_proxies(labels, self.train_store.camid, num_cams=self.train_store.num_cams)
+            out["train_clustering"] = clustering_stats(labels, proxies, self.train_store.pid)
+        return out
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.proxies is None or self.memory is None or self.loader is None or self.labels is None:
+            return {"epoch_of_labels": -1, "history": list(self.history)}
+        return {
+            "epoch_of_labels": self.epoch_of_labels,
+            "labels": torch.from_numpy(self.labels.copy()),
+            "proxies": {k: torch.from_numpy(v) for k, v in self.proxies.state_dict().items()},
+            "memory": self.memory.state_dict(),
+            "sampler": self.loader.state_dict(),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        if int(state.get("epoch_of_labels", -1)) < 0:
+            return
+        n = len(self.train_store)
+        labels = np.asarray(state["labels"].numpy(), dtype=np.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"TMGF checkpoint: pseudo labels for {labels.shape[0]} images, the training set has {n}")
+        proxies = CameraProxies.from_state_dict({k: v.numpy() for k, v in state["proxies"].items()})
+        assert self.memory is not None, "build_model() runs before load_state_dict()"
+        self.memory.load_state_dict(state["memory"])
+        if self.memory.num_proxies != proxies.num_proxies:
+            raise ValueError(f"TMGF checkpoint: memory has {self.memory.num_proxies} proxies, tables "
+                             f"{proxies.num_proxies}")
+        self._install(labels, proxies, int(state["epoch_of_labels"]))
+        assert self.loader is not None
+        self.loader.load_state_dict(state["sampler"])
+
+
+__all__ = ["TMGFMethod", "AllSlots", "GlobalFeature", "average_bn_stats", "cluster_features", "clustering_stats",
+           "o2cap_loss_config"]
