@@ -14,7 +14,9 @@ def test_every_exp_composes(exp: str) -> None:
     cfg = compose([f"exp={exp}"])
     assert cfg.name == exp
     sources, targets = cfg.data.resolved()
-    assert sources and targets and not set(sources) & set(targets) or exp.startswith(("pat_smoke", "pat_demo"))
+    assert sources and targets
+    if cfg.method == "pat":  # domain generalization: targets are unseen (TMGF trains on the target's train split)
+        assert not set(sources) & set(targets)
 
 
 def test_multisource_leave_one_out_and_lr() -> None:

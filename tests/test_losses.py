@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from trainer.config import PATConfig
 from trainer.losses import csl as csl_mod
 from trainer.losses import (
-    PATLossConfig,
     csl_loss,
     csl_loss_reference,
     csl_step,
@@ -284,7 +284,7 @@ def test_pat_total_composes_the_terms():
     parts = torch.randn(b, num_parts, dim, generator=g)
     targets = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     idx = torch.randperm(n, generator=g)[:b]
-    cfg = PATLossConfig(csl_k=3, repo_index_bug=True, csl_weight=0.7)
+    cfg = PATConfig(csl_k=3, repo_index_bug=True, csl_weight=0.7)
     out = pat_total(logits, cls, parts, targets, idx, bank, cfg)
 
     copy.update(idx, parts, targets)
@@ -294,5 +294,5 @@ def test_pat_total_composes_the_terms():
     assert out.total.item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.equal(out.neighbour_indices, csl.neighbour_indices)
     head = pat_total(logits, cls, parts, targets, idx, _bank(n, num_parts, dim, seed=13),
-                     PATLossConfig(csl_k=3, psd=False))
+                     PATConfig(csl_k=3, psd=False))
     assert head.id.item() == pytest.approx(naive_ls_ce(logits, targets, 0.1), rel=1e-6)

@@ -156,30 +156,40 @@ class DataConfig:
 
 @dataclass
 class PATConfig:
-    """PAT losses and memory (``reference/pat.md`` §2–§4); defaults are the paper's."""
+    """PAT's losses and memory bank (``reference/pat.md`` §2–§4); defaults are the official code's.
+
+    ``trainer.losses.psd.pat_total`` takes this object as it is: one definition of each knob."""
 
     csl: bool = True
-    """Cross-ID Similarity Learning on the part tokens (False: the Table 5 baseline)."""
-    csl_weight: float = 1.0
-    """Weight of the CSL term in Eq. 10."""
+    """Part tokens' memory bank and CSL on (False: Table 5's baseline, ID + triplet only)."""
     csl_k: int = 10
-    """Neighbours per part token in CSL."""
+    """Neighbours per part in CSL (and per part for PSD)."""
     csl_scale: float = 0.02
-    """Scale on the squared L2 distance (the official PC_SCALE; equivalent temperature 50)."""
+    """Multiplier of the squared L2 distance in CSL's softmax (the official PC_SCALE)."""
+    csl_weight: float = 1.0
+    """Weight of CSL in the total (PC_LR)."""
+    csl_nan_to_zero: bool = False
+    """Mirror the official NaN→0 guard per part (logsumexp makes NaN impossible in practice)."""
     memory_momentum: float = 0.1
     """Weight of the new feature in the bank update (M ← 0.9·M + 0.1·f)."""
+    update_before_loss: bool = True
+    """Momentum-update the bank with the batch before the CSL loss (official order)."""
+    id_epsilon: float = 0.1
+    """Label smoothing of the hard-label branch of the ID loss."""
+    id_weight: float = 1.0
+    """Weight of the ID (+PSD) term."""
     psd: bool = True
-    """Part-guided Self-Distillation; False reproduces the repo HEAD, where it is silently off."""
+    """Part-guided Self-Distillation (paper, original release); False = repo HEAD, where it is silently off."""
     psd_lambda: float = 0.5
-    """Share of the neighbour-identity distribution in the soft label."""
+    """λ: weight of the neighbour-identity distribution inside the soft target."""
     psd_weight: float = 0.5
-    """Weight of the soft-label branch in the ID loss."""
-    psd_repo_index_bug: bool = False
-    """True reproduces the repo's off-by-one neighbour-identity lookup."""
-    label_smoothing: float = 0.1
-    """ε of the label-smoothed ID loss."""
-    triplet: bool = True
-    """Soft-margin batch-hard triplet on the pre-BN cls feature."""
+    """w: weight of the soft-target CE against the label-smoothed CE."""
+    repo_index_bug: bool = False
+    """Reproduce the official off-by-one neighbour→identity lookup of PSD."""
+    triplet_margin: float | None = None
+    """None = soft-margin triplet (PAT); a number = hard margin."""
+    triplet_weight: float = 1.0
+    """Weight of the batch-hard triplet term on the pre-BN cls feature (0 turns it off)."""
 
 
 TMGF_CLUSTER_FEATURES = ("global", "concat")

@@ -13,7 +13,6 @@ from trainer.losses.o2cap import (
     tmgf_loss,
 )
 from trainer.losses.psd import (
-    PATLossConfig,
     PATLossOutput,
     neighbour_distribution,
     neighbour_labels,
@@ -24,7 +23,7 @@ from trainer.losses.triplet import euclidean_dist, hard_example_mining, triplet_
 
 __all__ = [
     "CSLOutput", "communication_bytes", "csl_from_gathered", "csl_loss", "csl_loss_reference", "csl_step",
-    "label_smooth_ce", "PATLossConfig", "PATLossOutput", "neighbour_distribution", "neighbour_labels",
+    "label_smooth_ce", "PATLossOutput", "neighbour_distribution", "neighbour_labels",
     "pat_total", "psd_loss", "euclidean_dist", "hard_example_mining", "triplet_loss", "O2CAPLossConfig",
     "ProxyTables", "offline_association_loss", "online_association_loss", "tmgf_loss",
 ]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from trainer.losses.csl import csl_step
 from trainer.losses.id import _check, label_smooth_ce
+from trainer.config import PATConfig
 from trainer.losses.triplet import triplet_loss
 from trainer.memory.bank import PartMemoryBank
 
@@ -94,38 +95,6 @@ def psd_loss(
 
 
 @dataclass(frozen=True)
-class PATLossConfig:
-    """Hyper-parameters of PAT's losses (defaults: the official code, pat.md §2–§4)."""
-
-    csl_k: int = 10
-    """Neighbours per part in CSL (and per part for PSD)."""
-    csl_scale: float = 0.02
-    """Multiplier of the squared L2 distance in CSL's softmax."""
-    csl_weight: float = 1.0
-    """Weight of CSL in the total (PC_LR)."""
-    csl_nan_to_zero: bool = False
-    """Mirror the official NaN→0 guard per part (logsumexp makes NaN impossible in practice)."""
-    update_before_loss: bool = True
-    """Momentum-update the bank with the batch before the CSL loss (official order)."""
-    id_epsilon: float = 0.1
-    """Label smoothing of the hard-label branch."""
-    id_weight: float = 1.0
-    """Weight of the ID (+PSD) term."""
-    psd: bool = True
-    """PSD on (paper / original release); False = repo HEAD (plain LS-CE)."""
-    psd_lambda: float = 0.5
-    """λ: weight of the neighbour distribution inside the soft target."""
-    psd_weight: float = 0.5
-    """w: weight of the soft-target CE against the LS-CE."""
-    repo_index_bug: bool = False
-    """Reproduce the official off-by-one neighbour→label lookup."""
-    triplet_margin: float | None = None
-    """None = soft margin (PAT); a number = hard margin."""
-    triplet_weight: float = 1.0
-    """Weight of the triplet term."""
-
-
-@dataclass(frozen=True)
 class PATLossOutput:
     """The PAT total and its parts for this rank's batch."""
 
@@ -144,7 +113,7 @@ def pat_total(
     targets: torch.Tensor,
     indices: torch.Tensor,
     bank: PartMemoryBank,
-    cfg: PATLossConfig = PATLossConfig(),
+    cfg: PATConfig = PATConfig(),
 ) -> PATLossOutput:
     """PAT's objective for one step (Eq. 10 with the code's means and weights; collective).
 
@@ -166,4 +135,4 @@ def pat_total(
     return PATLossOutput(total=total, id=l_id, triplet=l_tri, csl=csl.loss, neighbour_indices=csl.neighbour_indices)
 
 
-__all__ = ["neighbour_labels", "neighbour_distribution", "psd_loss", "PATLossConfig", "PATLossOutput", "pat_total"]
+__all__ = ["neighbour_labels", "neighbour_distribution", "psd_loss", "PATLossOutput", "pat_total"]

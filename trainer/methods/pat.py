@@ -19,7 +19,7 @@ from trainer.data.loader import build_inference_loader, build_train_loader
 from trainer.data.prepare import ensure_datasets
 from trainer.engine.method import Method, StepResult
 from trainer.losses.id import label_smooth_ce
-from trainer.losses.psd import PATLossConfig, pat_total
+from trainer.losses.psd import pat_total
 from trainer.losses.triplet import triplet_loss
 from trainer.memory.bank import PartMemoryBank
 from trainer.methods.common import evaluate_targets, open_store, open_targets, transforms
@@ -38,12 +38,6 @@ class PATMethod(Method):
         d = cfg.data
         self.loader = build_train_loader(self.train_store, self.train_tf, d.ids_per_batch, d.images_per_id,
                                          seed=cfg.train.seed, num_workers=d.num_workers)
-        p = cfg.pat
-        self.loss_cfg = PATLossConfig(
-            csl_k=p.csl_k, csl_scale=p.csl_scale, csl_weight=p.csl_weight, id_epsilon=p.label_smoothing,
-            psd=p.psd, psd_lambda=p.psd_lambda, psd_weight=p.psd_weight, repo_index_bug=p.psd_repo_index_bug,
-            triplet_weight=1.0 if p.triplet else 0.0,
-        )
         self.bank: PartMemoryBank | None = None
 
     @property
@@ -97,13 +91,14 @@ class PATMethod(Method):
         out = model(batch["img"])
         pid = batch["pid"]
         if self.bank is not None:
-            res = pat_total(out.logits, out.cls, out.parts.float(), pid, batch["index"], self.bank, self.loss_cfg)
+            res = pat_total(out.logits, out.cls, out.parts.float(), pid, batch["index"], self.bank, self.cfg.pat)
             logs = {"id": float(res.id.detach()), "tri": float(res.triplet.detach()), "csl": float(res.csl.detach())}
             total = res.total
         else:
-            l_id = label_smooth_ce(out.logits.float(), pid, self.cfg.pat.label_smoothing)
-            l_tri = triplet_loss(out.cls.float(), pid) if self.cfg.pat.triplet else out.cls.sum() * 0
-            total = l_id + l_tri
+            p = self.cfg.pat
+            l_id = label_smooth_ce(out.logits.float(), pid, p.id_epsilon)
+            l_tri = triplet_loss(out.cls.float(), pid, p.triplet_margin)
+            total = p.id_weight * l_id + p.triplet_weight * l_tri
             logs = {"id": float(l_id.detach()), "tri": float(l_tri.detach())}
         logs["acc"] = float((out.logits.argmax(1) == pid).float().mean())
         return StepResult(total, logs)
