@@ -79,16 +79,6 @@ def vit_test(img_size: tuple[int, int], drop_path_rate: float, reg_tokens: int, 
     )
 
 
-@register_backbone("vit_demo")
-def vit_demo(img_size: tuple[int, int], drop_path_rate: float, reg_tokens: int, **kwargs: Any) -> VisionTransformer:
-    """Small ViT for the CPU demos: patch 8 (a 16×8 grid at 128×64, like ViT-B's at 256×128), width 96,
-    depth 4, 3 heads. Trained from scratch in minutes on 2 cores."""
-    kwargs = {"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0, "qkv_bias": True, **kwargs}
-    return VisionTransformer(
-        img_size=img_size, num_classes=0, drop_path_rate=drop_path_rate, reg_tokens=reg_tokens, **kwargs
-    )
-
-
 def build_vit(
     arch: str,
     img_size: tuple[int, int] | list[int],
