@@ -38,13 +38,13 @@ def _method_and_model(cfg: Config):
 
 # -- config ------------------------------------------------------------------------------------
 def test_loss_hyper_parameters_are_defined_once() -> None:
-    from trainer.methods.tmgf import o2cap_loss_config
-
-    t, o = TMGFConfig(), O2CAPLossConfig()
-    for f in dataclasses.fields(O2CAPLossConfig):  # same names, same (paper) defaults
-        assert getattr(t, f.name) == getattr(o, f.name), f.name
-    mapped = o2cap_loss_config(TMGFConfig(pos_k=2, reduction="camera_groups", part_weight=0.0, neg_k=7))
-    assert (mapped.pos_k, mapped.reduction, mapped.part_weight, mapped.neg_k) == (2, "camera_groups", 0.0, 7)
+    t = TMGFConfig(pos_k=2, reduction="camera_groups", part_weight=0.0, neg_k=7)
+    assert isinstance(t, O2CAPLossConfig)  # the losses take cfg.tmgf as it is
+    for f in dataclasses.fields(O2CAPLossConfig):  # same (paper) defaults when not overridden
+        assert getattr(TMGFConfig(), f.name) == getattr(O2CAPLossConfig(), f.name), f.name
+    assert (t.pos_k, t.reduction, t.part_weight, t.neg_k) == (2, "camera_groups", 0.0, 7)
+    with pytest.raises(ValueError, match="tmgf.reduction='none'"):
+        TMGFConfig(reduction="none")  # per-sample reduction is for the losses' callers, not a run
 
 
 @pytest.mark.parametrize("override", ["tmgf.eps=1.0", "tmgf.k2=30", "tmgf.reduction=sum", "tmgf.cluster_feature=x",

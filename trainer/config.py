@@ -192,17 +192,59 @@ class PATConfig:
     """Weight of the batch-hard triplet term on the pre-BN cls feature (0 turns it off)."""
 
 
+O2CAP_REDUCTIONS = ("mean", "camera_groups", "none")
+O2CAP_FEW_CAMS = ("fill", "clip")
+
+
+@dataclass
+class O2CAPLossConfig:
+    """Hyper-parameters of the O2CAP/TMGF association losses (defaults: ``TMGF_full.yml`` / O2CAP).
+
+    ``trainer.losses.o2cap`` takes it as it is; :class:`TMGFConfig` extends it, so each knob has one
+    definition and ``tmgf.<knob>`` overrides it."""
+
+    temperature: float = 0.07
+    """tau: association logits are cosine / tau."""
+    neg_k: int = 50
+    """Hard negative proxies per sample in both association losses (``BG_KNN``)."""
+    pos_k: int = 3
+    """Online positives: best per-camera nearest proxies kept (``POS_K``: 3 Market/MSMT17, 2 Duke)."""
+    balance_w: float = 0.15
+    """Weight of the instance-proxy cosine in the online balanced similarity (``BALANCE_W``)."""
+    part_weight: float = 0.1
+    """lambda_p: weight of the part losses (each averaged over the parts); 0 trains the global feature only."""
+    reduction: str = "mean"
+    """Batch reduction: ``mean`` (TMGF), ``camera_groups`` (O2CAP: mean per camera group in the batch,
+    summed over the groups; with several ranks each rank reduces its own batch) or ``none`` (per sample)."""
+    few_cams: str = "fill"
+    """Fewer cameras with proxies than ``pos_k``: ``fill`` (official) or ``clip`` (see ``losses/o2cap.py``)."""
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        return [
+            ("temperature", self.temperature > 0, "> 0"), ("neg_k", self.neg_k >= 0, ">= 0"),
+            ("pos_k", self.pos_k >= 1, ">= 1"), ("balance_w", 0.0 <= self.balance_w <= 1.0, "in [0, 1]"),
+            ("part_weight", self.part_weight >= 0, ">= 0"),
+            ("reduction", self.reduction in O2CAP_REDUCTIONS, f"one of {O2CAP_REDUCTIONS}"),
+            ("few_cams", self.few_cams in O2CAP_FEW_CAMS, f"one of {O2CAP_FEW_CAMS}"),
+        ]
+
+    def __post_init__(self) -> None:
+        prefix = "tmgf." if isinstance(self, TMGFConfig) else "O2CAPLossConfig."
+        for name, ok, expected in self._checks():
+            if not ok:
+                raise ValueError(f"{prefix}{name}={getattr(self, name)!r}: expected {expected}")
+
+
 TMGF_CLUSTER_FEATURES = ("global", "concat")
 TMGF_REDUCTIONS = ("mean", "camera_groups")
 
 
 @dataclass
-class TMGFConfig:
+class TMGFConfig(O2CAPLossConfig):
     """TMGF on O2CAP (``reference/tmgf_o2cap.md``); defaults are ``TMGF_full.yml``'s.
 
-    The loss fields carry the same names and defaults as ``trainer.losses.o2cap.O2CAPLossConfig``,
-    which the method builds from them field by field (this module sits below ``losses/`` and cannot
-    import it; a test keeps the two in step).
+    The loss knobs are inherited from :class:`O2CAPLossConfig` (the method passes this object to the
+    losses as it is); the fields below are the clustering, memory and sampling ones.
     """
 
     k1: int = 20
@@ -221,20 +263,6 @@ class TMGFConfig:
     """k-NN backend of the clustering: ``torch`` (blocked GEMM, CUDA or CPU), ``faiss`` or ``auto``."""
     use_ground_truth: bool = False
     """The paper's "w/ GT" upper bound: proxies from the true training identities instead of DBSCAN."""
-    temperature: float = 0.07
-    """tau: association logits are cosine / tau."""
-    neg_k: int = 50
-    """Hard negative proxies per sample in both association losses (``BG_KNN``)."""
-    pos_k: int = 3
-    """Online positives: best per-camera nearest proxies kept (``POS_K``: 3 Market/MSMT17, 2 Duke)."""
-    balance_w: float = 0.15
-    """Weight of the instance-proxy cosine in the online balanced similarity (``BALANCE_W``)."""
-    part_weight: float = 0.1
-    """lambda_p: weight of the part losses (each averaged over the parts); 0 trains the global feature only."""
-    reduction: str = "mean"
-    """Batch reduction of the losses: ``mean`` (TMGF) or ``camera_groups`` (O2CAP: per-camera means, summed)."""
-    few_cams: str = "fill"
-    """Fewer cameras with proxies than ``pos_k``: ``fill`` (official) or ``clip`` (see ``losses/o2cap.py``)."""
     momentum: float = 0.2
     """mu of the proxy memory update M <- mu*M + (1-mu)*x (the new feature weighs 0.8)."""
     iters_per_epoch: int = 200
@@ -250,25 +278,18 @@ class TMGFConfig:
     """At every evaluation also cluster the training set and report #clusters and their agreement with
     the true identities (ARI/NMI; the labels are read for the report only)."""
 
-    def __post_init__(self) -> None:
-        checks = (
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        return [c for c in super()._checks() if c[0] != "reduction"] + [
             ("k1", self.k1 >= 1, ">= 1"), ("k2", 1 <= self.k2 <= self.k1, "in [1, k1]"),
             ("eps", 0.0 < self.eps < 1.0, "in (0, 1)"), ("min_samples", self.min_samples >= 1, ">= 1"),
             ("cluster_feature", self.cluster_feature in TMGF_CLUSTER_FEATURES, f"one of {TMGF_CLUSTER_FEATURES}"),
             ("knn_backend", self.knn_backend in ("auto", "torch", "faiss"), "one of ('auto', 'torch', 'faiss')"),
-            ("temperature", self.temperature > 0, "> 0"), ("neg_k", self.neg_k >= 0, ">= 0"),
-            ("pos_k", self.pos_k >= 1, ">= 1"), ("balance_w", 0.0 <= self.balance_w <= 1.0, "in [0, 1]"),
-            ("part_weight", self.part_weight >= 0, ">= 0"),
             ("reduction", self.reduction in TMGF_REDUCTIONS, f"one of {TMGF_REDUCTIONS}"),
-            ("few_cams", self.few_cams in ("fill", "clip"), "one of ('fill', 'clip')"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
             ("iters_per_epoch", self.iters_per_epoch >= 1, ">= 1"),
             ("proxies_per_batch", self.proxies_per_batch >= 1, ">= 1"),
             ("images_per_proxy", self.images_per_proxy >= 1, ">= 1"),
-        )
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"tmgf.{name}={getattr(self, name)!r}: expected {expected}")
+        ]
 
 
 @dataclass

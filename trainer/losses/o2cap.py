@@ -42,40 +42,9 @@ import numpy as np
 import torch
 
 from trainer.cluster.proxies import CameraProxies
-
-REDUCTIONS = ("mean", "camera_groups", "none")
-FEW_CAMS = ("fill", "clip")
-
-
-@dataclass
-class O2CAPLossConfig:
-    """Hyper-parameters of the association losses (defaults: TMGF ``TMGF_full.yml`` / O2CAP)."""
-
-    temperature: float = 0.07
-    """tau: logits are cosine / tau."""
-    neg_k: int = 50
-    """Hard negatives per sample (``BG_KNN``)."""
-    pos_k: int = 3
-    """Online positives: the best per-camera nearest proxies kept (``POS_K``; 2 for DukeMTMC)."""
-    balance_w: float = 0.15
-    """Weight of the instance-proxy cosine in the online balanced similarity (``BALANCE_W``)."""
-    part_weight: float = 0.1
-    """lambda_p: weight of the part losses (each averaged over the parts) in the TMGF total."""
-    reduction: str = "mean"
-    """``mean`` over the batch (TMGF) or ``camera_groups``: mean per camera group, summed over the
-    cameras present in the batch (O2CAP). With several ranks each rank reduces its own batch."""
-    few_cams: str = "fill"
-    """When fewer than ``pos_k`` cameras have proxies: ``fill`` (official) or ``clip`` (see module doc)."""
-
-    def __post_init__(self) -> None:
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"O2CAPLossConfig.reduction={self.reduction!r}: expected one of {REDUCTIONS}")
-        if self.few_cams not in FEW_CAMS:
-            raise ValueError(f"O2CAPLossConfig.few_cams={self.few_cams!r}: expected one of {FEW_CAMS}")
-        if self.temperature <= 0 or self.neg_k < 0 or self.pos_k < 1 or not 0.0 <= self.balance_w <= 1.0:
-            raise ValueError(f"O2CAPLossConfig: temperature={self.temperature} (> 0), neg_k={self.neg_k} (>= 0), "
-                             f"pos_k={self.pos_k} (>= 1), balance_w={self.balance_w} (in [0, 1]) out of range")
-
+from trainer.config import O2CAP_FEW_CAMS as FEW_CAMS
+from trainer.config import O2CAP_REDUCTIONS as REDUCTIONS
+from trainer.config import O2CAPLossConfig
 
 @dataclass
 class ProxyTables:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import fields
 from typing import Any, Iterable
 
 import numpy as np
@@ -48,7 +47,7 @@ from trainer.config import Config, TMGFConfig
 from trainer.data.loader import TrainLoader, build_train_loader
 from trainer.data.prepare import ensure_datasets
 from trainer.engine.method import Method, StepResult
-from trainer.losses.o2cap import O2CAPLossConfig, ProxyTables, tmgf_loss
+from trainer.losses.o2cap import ProxyTables, tmgf_loss
 from trainer.memory.proxy import ProxyMemory
 from trainer.methods.common import evaluate_targets, extract, open_store, open_targets, transforms
 from trainer.models import build_model
@@ -56,11 +55,6 @@ from trainer.models import build_model
 log = logging.getLogger(__name__)
 
 _CAM_INPUTS = ("img", "camid")
-
-
-def o2cap_loss_config(t: TMGFConfig) -> O2CAPLossConfig:
-    """The loss hyper-parameters of ``tmgf`` (same field names as :class:`O2CAPLossConfig`)."""
-    return O2CAPLossConfig(**{f.name: getattr(t, f.name) for f in fields(O2CAPLossConfig)})
 
 
 class AllSlots(nn.Module):
@@ -147,7 +141,7 @@ class TMGFMethod(Method):
                                      "embedding is indexed by camera (test on the training dataset's own cameras)")
         self.train_tf = transforms(cfg, train=True)
         self.test_tf = transforms(cfg, train=False)
-        self.loss_cfg = o2cap_loss_config(self.t)
+        self.loss_cfg = self.t  # a TMGFConfig is an O2CAPLossConfig
         self.device = dist.info().device
         self.loader: TrainLoader | None = None
         self.memory: ProxyMemory | None = None
@@ -327,5 +321,4 @@ class TMGFMethod(Method):
         self.loader.load_state_dict(state["sampler"])
 
 
-__all__ = ["TMGFMethod", "AllSlots", "GlobalFeature", "average_bn_stats", "cluster_features", "clustering_stats",
-           "o2cap_loss_config"]
+__all__ = ["TMGFMethod", "AllSlots", "GlobalFeature", "average_bn_stats", "cluster_features", "clustering_stats"]
