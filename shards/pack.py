@@ -34,7 +34,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from shards.layouts import LAYOUTS, detect_msmt17_variant, parse
-from shards.records import MANIFEST, SPLITS, Manifest, Record, SampleMeta, ShardInfo, SplitInfo, sample_key
+from shards.records import (
+    MANIFEST, SPLITS, Manifest, Record, SampleMeta, ShardInfo, SplitInfo, fsync_dir, sample_key,
+)
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 """Target shard size: a shard is closed before a sample that would push it past this (a single
@@ -85,14 +87,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -173,7 +167,7 @@ def _publish(tmp: Path, out: Path) -> None:
         else:
             out.rmdir()
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -212,7 +206,7 @@ def pack(
         )
         (tmp / MANIFEST).write_text(manifest.to_json())  # last: a folder without it is no pack
         _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

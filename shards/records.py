@@ -119,6 +119,15 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_json(path.read_text(), source=str(path))
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory entry (after a rename into it) so the rename survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename: never a half-written file."""
     path = Path(path)

@@ -24,17 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.records import fsync_dir
 from trainer import dist
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_file(obj: Any, path: Path) -> None:
@@ -102,11 +95,11 @@ def save_checkpoint(ckpt_root: str | os.PathLike[str], step: int, state: dict[st
         _save_file(state, tmp / "state.pt")
     dist.barrier()
     if rank == 0:
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # same step saved twice (e.g. a resumed run re-saving): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if keep > 0:
             for old in list_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
