@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo tmgf-demo test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m trainer.demo
+
+tmgf-demo: $(STAMP)
+	$(PY) -m trainer.tmgf_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

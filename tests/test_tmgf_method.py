@@ -262,3 +262,45 @@ def test_world2_memories_agree_and_labels_equal_world1(tmp_path: Path) -> None:
     w1 = _world_body(0, 1, str(tmp_path / "w1b"), r0["state1"], False)
     assert np.array_equal(w1["labels0"], r0["labels1"])
     assert torch.allclose(w1["memory0"], r0["memory1"], atol=1e-6)
+
+
+# -- BN neck calibration -------------------------------------------------------------------------
+def test_fresh_necks_are_calibrated_once_from_the_training_set(tmp_path: Path) -> None:
+    from trainer.data.dataset import ReIDDataset
+
+    method, model = _method_and_model(_cfg(tmp_path))
+    ds = ReIDDataset(method.train_store, method.test_tf)
+    model.eval()
+    with torch.no_grad():
+        raw = torch.cat([model.raw_features(s["img"][None], torch.tensor([int(s["camid"])])).double()
+                         for s in (ds[i] for i in range(len(ds)))])  # [N, S, D], one image at a time
+    model.train()
+    n = raw.shape[0]
+    method.on_fit_start(model, resumed=False)
+    for s, neck in enumerate(model.necks):  # naive: sum / N and sum of squares / (N - 1), float64
+        mean = raw[:, s].sum(0) / n
+        var = ((raw[:, s] - mean) ** 2).sum(0) / (n - 1)
+        torch.testing.assert_close(neck.running_mean.double(), mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(neck.running_var.double(), var, atol=1e-5, rtol=1e-4)
+        assert int(neck.num_batches_tracked) == 1
+    # the calibrated pass returns what the calibrated model computes (no second extraction needed)
+    before = [n_.running_mean.clone() for n_ in model.necks]
+    feats = method.extract_train(model)  # not fresh any more: an ordinary extraction
+    torch.testing.assert_close(feats.double(), _naive_features(method, model), atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(b, n_.running_mean) for b, n_ in zip(before, model.necks))
+    # after training steps (running stats updated by BN itself) the necks are never re-calibrated
+    model.train()
+    img, cam = ds[0]["img"][None].repeat(4, 1, 1, 1), torch.zeros(4, dtype=torch.long)
+    model(img, cam)
+    trained = [n_.running_mean.clone() for n_ in model.necks]
+    method.on_fit_start(model, resumed=True)
+    assert all(torch.equal(t, n_.running_mean) for t, n_ in zip(trained, model.necks))
+
+
+def test_calibration_off_keeps_the_official_fresh_statistics(tmp_path: Path) -> None:
+    method, model = _method_and_model(_cfg(tmp_path, "tmgf.calibrate_necks=false"))
+    method.on_fit_start(model, resumed=False)
+    method.recluster(model, 0)
+    for neck in model.necks:
+        assert torch.equal(neck.running_mean, torch.zeros_like(neck.running_mean))
+        assert torch.equal(neck.running_var, torch.ones_like(neck.running_var))

@@ -414,3 +414,59 @@ def test_reloading_reseeds_branches_in_place(tmp_path):
     assert [id(p) for p in model.branches.parameters()] == params_before  # an existing optimizer stays valid
     assert all(p.requires_grad for p in model.branches.parameters())
     torch.testing.assert_close(model.branches[1].block.mlp.fc2.weight.data, ckpt["blocks.1.mlp.fc2.weight"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Our own checkpoints as initialisation (the TMGF demo starts from the PAT demo's model)
+
+
+def test_whole_tmgf_checkpoint_loads_as_is_except_the_camera_embedding(tmp_path):
+    from safetensors.torch import save_file
+
+    src = make(seed=3)
+    with torch.no_grad():  # trained branches differ from the trunk's block L: they must NOT be re-seeded
+        for p in src.branches.parameters():
+            p.add_(0.5)
+        for neck in src.necks:
+            neck.running_mean.fill_(0.25)
+    path = tmp_path / "model_final.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    torch.manual_seed(0)
+    dst = build_model(tmgf_cfg(num_cams=CAMS + 2, pretrained=str(path)), num_classes=0)
+    ref = make(seed=0, num_cams=CAMS + 2)  # what dst was before loading (same seed)
+    for k, v in dst.state_dict().items():
+        if k == "cam_embed":  # cameras are dataset-specific: kept at its initialisation
+            torch.testing.assert_close(v, ref.state_dict()[k])
+        else:
+            torch.testing.assert_close(v, src.state_dict()[k], msg=k)
+    report = dst.load_pretrained_weights(path)
+    assert report.skipped == ["cam_embed"] and "branches.1.block.mlp.fc2.weight" in report.loaded
+    # another variant's checkpoint: one error listing what does not fit
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in make(tmgf_granularities=(2,)).state_dict().items()}, str(other))
+    with pytest.raises(ValueError, match=r"other\.safetensors: a TMGF checkpoint that does not fit.*missing: .*necks\.5"):
+        dst.load_pretrained_weights(other)
+
+
+def test_pat_model_backbone_initialises_tmgf_and_seeds_its_branches(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    pat = build_model(ModelConfig(name="pat", backbone="vit_test", img_size=IMG, num_parts=3, drop_path_rate=0.0),
+                      num_classes=7)
+    state = pat.state_dict()
+    path = tmp_path / "pat_final.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = make(tmgf_stem="patch", pretrained=str(path))
+    bb = model.backbone
+    for k, v in bb.state_dict().items():
+        if k == "pos_embed":  # PAT's table has rows for cls, 3 part tokens, then the grid
+            want = torch.cat([state["backbone.pos_embed"][:, :1], state["backbone.pos_embed"][:, 4:]], dim=1)
+            torch.testing.assert_close(v, want)
+        else:
+            torch.testing.assert_close(v, state[f"backbone.{k}"], msg=k)
+    for branch in model.branches:
+        torch.testing.assert_close(branch.block.attn.qkv.weight.data, state["backbone.blocks.1.attn.qkv.weight"])
+        torch.testing.assert_close(branch.norm.weight.data, state["backbone.norm.weight"])
+    report = model.load_pretrained_weights(path)
+    assert "reg_token" in report.skipped and "head.classifier.weight" in report.skipped

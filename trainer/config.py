@@ -274,6 +274,13 @@ class TMGFConfig(O2CAPLossConfig):
     sync_bn_stats: bool = True
     """Average BatchNorm running statistics over the ranks before every extraction, so that all ranks
     extract (and cluster) with the same eval-mode model; no-op on one process."""
+    calibrate_necks: bool = True
+    """Before the first clustering, set the BN necks' running statistics of a model whose necks never
+    trained (``num_batches_tracked == 0``: a pretrained backbone with fresh necks) to the training set's
+    statistics of the pre-neck features (exact, one pass, fp64). Otherwise eval-mode features (the
+    clustering and the memory) are the raw ones while train-mode features are batch-centred: on a
+    backbone whose features have a large mean the two are nearly orthogonal and the first epochs train
+    against a memory they do not match. False = the official behaviour (running stats 0/1)."""
     eval_clustering: bool = False
     """At every evaluation also cluster the training set and report #clusters and their agreement with
     the true identities (ARI/NMI; the labels are read for the report only)."""

@@ -1,41 +1,41 @@
-"""``python -m trainer.tmgf_demo [--nproc N] [key=value …]`` — TMGF, fully unsupervised, on this machine.
+"""``python -m trainer.tmgf_demo [key=value …]`` — TMGF, unsupervised domain adaptation, on this machine.
 
-Synthesizes and packs a synthetic person set (``exp=tmgf_demo``), trains TMGF on its *unlabeled*
-training split (re-clustering every epoch) with N local gloo processes, and prints, before and after
-training: target mAP/CMC and the clustering of the training set (#clusters against the true number
-of identities, ARI/NMI: the labels are read for this report only). Then checks the demo's two
-acceptance bars: #clusters within 20% of the true identities, target mAP 15 points above the untrained model.
+Two stages, both through ``launch/slurm.py --cluster local`` with 2 gloo processes:
+
+1. the source model: the PAT demo (``exp=pat_demo``: labelled synthetic domain A), trained only if
+   ``model.pretrained`` (default ``runs/pat_demo/model_final.safetensors``) does not exist yet — the
+   role LUPerson pre-training plays in the paper (a tiny ViT from scratch never starts: its features
+   cluster by camera);
+2. TMGF (``exp=tmgf_demo``) on the *unlabeled* training split of domain B, re-clustering every epoch.
+
+Prints, for the source model and after TMGF: domain B's mAP/CMC and the clustering of its training
+set (#clusters against the true number of identities, ARI; the labels are read for this report only),
+then checks the demo's two acceptance bars: #clusters within 20% of the true identities, and target
+mAP at least 15 points above the model TMGF started from.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, compose
+from trainer.demo import NPROC, launch_local, prepare, run_pat_demo, table
 
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+SOURCE_EXP = "pat_demo"
 
 
 def summarize(run_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Table of the run's untrained/last evaluation and the acceptance numbers."""
+    """Table of the run's start/last evaluation and the acceptance numbers."""
     from trainer.plots import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl")
     end = [r for r in records if r["kind"] == "end"][-1]
     initial, last = end["initial"], end["last"]
     rows = [("model", "target", "mAP", "R1", "R5", "clusters", "true ids", "outliers", "ARI")]
-    for name, res in (("untrained", initial), ("trained (last)", last)):
+    for name, res in (("start (source model)", initial), ("TMGF (last)", last)):
         c = res.get("train_clustering", {})
         for target, m in res.items():
             if target == "train_clustering":
@@ -48,38 +48,46 @@ def summarize(run_dir: Path) -> tuple[str, dict[str, Any]]:
     c = last.get("train_clustering", {})
     ratio = c["clusters"] / c["true_ids"] if c else float("nan")
     numbers = {"mAP_gain_points": gain, "clusters_over_true_ids": ratio}
-    text = _table(rows) + (f"\nacceptance: mAP gain {gain:+.1f} points (bar: >= 15) -> {'OK' if gain >= 15 else 'FAIL'}; "
-                           f"clusters / true ids = {ratio:.2f} (bar: 0.8..1.2) -> "
-                           f"{'OK' if 0.8 <= ratio <= 1.2 else 'FAIL'}")
+    text = table(rows) + (f"\nacceptance: mAP gain {gain:+.1f} points (bar: >= 15) -> {'OK' if gain >= 15 else 'FAIL'}; "
+                          f"clusters / true ids = {ratio:.2f} (bar: 0.8..1.2) -> "
+                          f"{'OK' if 0.8 <= ratio <= 1.2 else 'FAIL'}")
     return text, numbers
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc", type=int, default=2, help="local processes (gloo); 1 runs without torchrun")
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = ["exp=tmgf_demo", *overrides]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("--") for a in args):
+        print(f"error: unknown option {next(a for a in args if a.startswith('--'))}; "
+              "this demo takes only key=value overrides", file=sys.stderr)
+        return 2
+    overrides = ["exp=tmgf_demo", *args]
     try:
         cfg = compose(overrides)
+        source_cfg = compose([f"exp={SOURCE_EXP}"])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from trainer.data.prepare import ensure_datasets
-
     t0 = time.time()
-    print(f"[1/3] synthesize + pack (cached under {cfg.data.cache_dir})", flush=True)
-    ensure_datasets(cfg.data)
-    print(f"[2/3] train TMGF (unsupervised) with {args.nproc} local process(es): {cfg.run_dir}", flush=True)
-    if args.nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "trainer.train", *overrides]
-    else:
-        cmd = [sys.executable, "-m", "trainer.train", *overrides]
-    rc = subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    source = Path(cfg.model.pretrained or "")
+    default_source = Path(source_cfg.run_dir) / "model_final.safetensors"
+    print(f"[1/3] source model (labelled domain A): {source}", flush=True)
+    if not source.is_file():
+        if source.resolve() != default_source.resolve():
+            print(f"error: model.pretrained={str(source)!r} does not exist (the PAT demo writes "
+                  f"{default_source})", file=sys.stderr)
+            return 2
+        print(f"      not there yet: running the PAT demo (exp={SOURCE_EXP}) first", flush=True)
+        rc = run_pat_demo([f"exp={SOURCE_EXP}"])
+        if rc != 0:
+            return rc
+    print("[2/3] data (unlabeled domain B)", flush=True)
+    prepare(cfg)
+    print(f"[3/3] train TMGF (unsupervised) with {NPROC} local processes (gloo) through the SLURM launcher's "
+          f"local cluster: {cfg.run_dir}", flush=True)
+    rc = launch_local(overrides)
     if rc != 0:
         print(f"error: training exited with {rc}", file=sys.stderr)
         return rc
-    print("[3/3] results", flush=True)
     text, _ = summarize(Path(cfg.run_dir))
     print(text)
     try:

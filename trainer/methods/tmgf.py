@@ -69,6 +69,18 @@ class AllSlots(nn.Module):
         return self.model(img, camid).flatten(1)
 
 
+class RawSlots(nn.Module):
+    """``model.raw_features(img, camid)`` [B, S, D] (before the BN necks) flattened to [B, S*D]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)
+
+    def forward(self, img: torch.Tensor, camid: torch.Tensor) -> torch.Tensor:
+        return self.model.raw_features(img, camid).flatten(1)
+
+
 class GlobalFeature(nn.Module):
     """Slot 0 (the global feature) of ``model(img, camid)``: the test-time feature (§8)."""
 
@@ -92,6 +104,36 @@ def average_bn_stats(model: nn.Module) -> None:
             for buf in (m.running_mean, m.running_var):
                 t = buf.detach().to(dist.comm_device(), torch.float64)
                 buf.copy_((dist.all_reduce(t) / world).to(buf.device, buf.dtype))
+
+
+def fresh_necks(model: nn.Module) -> list[nn.BatchNorm1d] | None:
+    """The model's BN necks when none of them has ever run in train mode, else None."""
+    necks = getattr(model, "necks", None)
+    if necks is None or not hasattr(model, "raw_features"):
+        return None
+    necks = list(necks)
+    if not all(isinstance(n, nn.BatchNorm1d) and n.track_running_stats for n in necks):
+        return None
+    return necks if all(int(n.num_batches_tracked) == 0 for n in necks) else None
+
+
+@torch.no_grad()
+def calibrate_necks(necks: list[nn.BatchNorm1d], raw: torch.Tensor) -> torch.Tensor:
+    """Set each neck's running mean/var (unbiased, as BN keeps it) to those of ``raw`` [N, S, D] (fp64),
+    mark it calibrated (``num_batches_tracked = 1``) and return the eval-mode model output for ``raw``: BN with the new statistics, then L2 (as
+    ``TMGF.forward``), so that no second extraction pass is needed."""
+    if raw.shape[0] < 2:
+        raise ValueError(f"calibrate_necks: {raw.shape[0]} training image(s); need >= 2 for a variance")
+    x = raw.to(torch.float64)
+    mean, var = x.mean(dim=0), x.var(dim=0, unbiased=True)  # [S, D]
+    out = []
+    for i, neck in enumerate(necks):
+        neck.running_mean.copy_(mean[i].to(neck.running_mean.dtype))
+        neck.running_var.copy_(var[i].to(neck.running_var.dtype))
+        neck.num_batches_tracked.fill_(1)  # "has statistics": the necks are no longer fresh
+        neck.eval()
+        out.append(neck(raw[:, i].to(neck.running_mean.dtype)))
+    return F.normalize(torch.stack(out, dim=1), dim=-1)
 
 
 def cluster_features(feats: torch.Tensor, which: str) -> torch.Tensor:
@@ -182,6 +224,12 @@ class TMGFMethod(Method):
         self.loader.load_state_dict({**self.loader.state_dict(), "epoch": epoch, "cursor": start_step})
         return self.loader
 
+    def on_fit_start(self, model: nn.Module, resumed: bool) -> None:
+        # Calibrate fresh necks before anything is measured, so that the untrained model's evaluation
+        # and the first clustering see the same eval-mode model (a no-op once the necks have trained).
+        if self.t.calibrate_necks and fresh_necks(model) is not None:
+            self.extract_train(model)
+
     # -- pseudo labels -------------------------------------------------------------------------
     def on_epoch_start(self, model: nn.Module, epoch: int, step_in_epoch: int) -> None:
         if step_in_epoch > 0:
@@ -197,9 +245,16 @@ class TMGFMethod(Method):
         """[N, S, D] eval-mode features of every training image (every rank, index order)."""
         if self.t.sync_bn_stats:
             average_bn_stats(model)
-        flat = extract(AllSlots(model), self.train_store, self.test_tf, self.cfg.eval.batch_size,
+        necks = fresh_necks(model) if self.t.calibrate_necks else None
+        wrap = RawSlots(model) if necks is not None else AllSlots(model)
+        flat = extract(wrap, self.train_store, self.test_tf, self.cfg.eval.batch_size,
                        self.cfg.data.num_workers, inputs=_CAM_INPUTS)
-        return flat.view(flat.shape[0], int(model.num_slots), -1)
+        feats = flat.view(flat.shape[0], int(model.num_slots), -1)
+        if necks is not None:  # every rank holds the same exact-once features: same statistics
+            feats = calibrate_necks(necks, feats)
+            if dist.is_main():
+                log.info("TMGF: BN necks calibrated on %d training images (fresh necks)", feats.shape[0])
+        return feats
 
     def cluster(self, feats: torch.Tensor, ground_truth: bool | None = None) -> np.ndarray:
         """Cluster labels (identical on every rank) of the [N, S, D] features, or the truth (w/ GT)."""

@@ -90,7 +90,7 @@ from torch import nn
 from .backbones import build_vit, grid_size
 from .heads import frozen_bias_bn
 from .registry import ModelConfig, register_model
-from .weights import LoadReport, load_pretrained
+from .weights import LoadReport, load_pretrained, read_state_dict
 
 TMGF_VARIANTS: Mapping[str, Mapping[str, Any]] = {
     "tmgf": {},
@@ -312,9 +312,41 @@ class TMGF(nn.Module):
             branch.norm.load_state_dict(self.backbone.norm.state_dict())
 
     def load_pretrained_weights(self, path: str | Path, *, old_grid: tuple[int, int] | None = None) -> LoadReport:
-        """Load a TransReID(-SSL) or timm ViT checkpoint into the backbone, then re-seed the branches."""
+        """Load a TransReID(-SSL) or timm ViT checkpoint into the backbone, then re-seed the branches;
+        or one of our own whole-TMGF checkpoints (see :meth:`load_tmgf_weights`)."""
+        state = read_state_dict(path)
+        if any(k.startswith("branches.") for k in state):
+            return self.load_tmgf_weights(state, path)
         report = load_pretrained(self, path, old_grid=old_grid, rename=transreid_key, allow_missing=_OPTIONAL_KEYS)
         self.reseed_branches()
+        return report
+
+    @torch.no_grad()
+    def load_tmgf_weights(self, state: Mapping[str, torch.Tensor], path: str | Path) -> LoadReport:
+        """Load a whole TMGF model of ours (e.g. ``model_final.safetensors`` of a source-domain or w/ GT run).
+
+        Everything is copied as it is (trained branches and necks are kept: no re-seeding), except the
+        camera embedding: cameras are dataset-specific (the same rule as for TransReID's ``sie_embed``),
+        so it keeps its initialisation and is listed in ``skipped``. Any other missing, unexpected or
+        mis-shaped key raises one error listing them all (continuing a run is a resume, not this).
+        """
+        report = LoadReport(path=str(path))
+        own = self.state_dict()
+        missing = [k for k in own if k not in state and k not in _CAMERA_KEYS]
+        unexpected = [k for k in state if k not in own and k not in _CAMERA_KEYS]
+        mismatched = [f"{k} (expected {tuple(own[k].shape)}, found {tuple(v.shape)})"
+                      for k, v in state.items() if k in own and k not in _CAMERA_KEYS and v.shape != own[k].shape]
+        if missing or unexpected or mismatched:
+            parts = [f"{label}: {', '.join(keys[:25])}{' …' if len(keys) > 25 else ''}" for label, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+            raise ValueError(f"{path}: a TMGF checkpoint that does not fit this TMGF model "
+                             f"(same backbone, img_size, granularities and variant needed); " + "; ".join(parts))
+        for key, value in state.items():
+            if key in _CAMERA_KEYS:
+                report.skipped.append(key)
+                continue
+            own[key].copy_(value.to(dtype=own[key].dtype))
+            report.loaded.append(key)
         return report
 
     # -- forward -------------------------------------------------------------------------------

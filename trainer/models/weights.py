@@ -8,7 +8,10 @@ Adaptation to the target backbone (the rules of PAT's ``load_param``, for any gr
 
 * keys of the classifier/distillation heads (``head*``, ``pre_logits*``, ``dist_token``) are skipped;
 * extra tokens (PAT's part tokens = the backbone's register tokens) start as copies of ``cls_token``
-  and their position rows as copies of the cls position row;
+  and their position rows as copies of the cls position row; a checkpoint's extra tokens that the
+  target lacks are skipped (with their position rows);
+* a whole model of ours (keys under ``backbone.``, e.g. a PAT or TMGF ``model_final.safetensors``)
+  gives its backbone; its other keys (heads, necks, branches) are skipped;
 * the grid part of ``pos_embed`` is resized from the pretrained grid (e.g. 14x14) to the model's
   (e.g. 16x8) with timm's ``resample_abs_pos_embed``, bilinear, no antialiasing, align_corners=False
   (= PAT's ``F.interpolate(mode='bilinear')``);
@@ -213,7 +216,12 @@ def load_pretrained(
     report = LoadReport(path=str(path))
     state: dict[str, torch.Tensor] = {}
     ckpt: dict[str, torch.Tensor] = {}  # every renamed key, the skipped ones too (they own pos rows)
-    for key, value in read_state_dict(path).items():
+    raw = read_state_dict(path)
+    if "cls_token" not in raw and "backbone.cls_token" in raw:
+        # a whole model of ours (PAT, TMGF: model_final.safetensors): its backbone initialises this one
+        report.skipped.extend(k for k in raw if not k.startswith("backbone."))
+        raw = {k[len("backbone."):]: v for k, v in raw.items() if k.startswith("backbone.")}
+    for key, value in raw.items():
         name = rename(key) if rename is not None else key
         if name is not None:
             ckpt[name] = value
@@ -231,6 +239,10 @@ def load_pretrained(
                 report.skipped.append("reg_token")
             state["reg_token"] = state["cls_token"].expand_as(own["reg_token"]).clone()
             report.derived.append("reg_token")
+
+    if "reg_token" in state and "reg_token" not in own:  # e.g. PAT's part tokens into a model without them
+        del state["reg_token"]
+        report.skipped.append("reg_token")
 
     def allowed(key: str) -> bool:
         return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allow_missing)
