@@ -28,6 +28,7 @@ def _overrides(cache: str, run_dir: str, *extra: str) -> list[str]:
 def _one_step(rank: int, world_size: int, cache: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
+    from trainer.engine.strategy import Strategy
     from trainer.methods.pat import PATMethod
 
     cfg = compose(_overrides(cache, "/tmp/unused", "model.drop_path_rate=0.0"))
@@ -35,12 +36,11 @@ def _one_step(rank: int, world_size: int, cache: str) -> dict:
     torch.manual_seed(0)
     model = method.build_model()
     method.on_fit_start(model, resumed=False)
-    # BN-neck statistics are per rank under plain DDP (no SyncBN on CPU): use fixed statistics so
-    # the comparison is about the distributed maths (bank, CSL, PSD, triplet, gradient averaging).
-    model.head.bn.reset_running_stats()
+    # train-mode BN neck over the global batch (train.sync_bn): with the bank, CSL, PSD, triplet and
+    # gradient averaging, the whole step — running statistics included — equals one process.
     model.train()
-    model.head.bn.eval()
-    wrapped = DistributedDataParallel(model) if world_size > 1 else model
+    wrapped = Strategy(torch.device("cpu"), "fp32", sync_bn=True).wrap(model)
+    assert isinstance(wrapped, DistributedDataParallel) == (world_size > 1)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     batch = next(iter(method.train_batches(0, 0)))
     result = method.training_step(wrapped, batch)

@@ -53,6 +53,10 @@ class TrainConfig:
     """Seeds model init, sampling and augmentation; the whole run is a function of it."""
     precision: str = "auto"
     """``auto`` (fp16 autocast + GradScaler on CUDA as the papers, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    sync_bn: bool = True
+    """Under DDP, BatchNorm statistics over the global batch (the papers' single-GPU batch): torch's
+    SyncBatchNorm on CUDA, ``trainer.models.sync_bn.GlobalBatchNorm`` on the CPU. False = plain DDP
+    (each rank normalises its own slice). No effect on one process."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule."""
     resume: str = "auto"

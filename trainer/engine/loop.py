@@ -104,7 +104,7 @@ class Engine:
         precision = cfg.precision
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
-        self.strategy = Strategy(self.device, precision)
+        self.strategy = Strategy(self.device, precision, sync_bn=cfg.sync_bn)
         if sinks is None:
             sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), ConsoleSink(cfg.log_every)]
         self.metrics = Metrics(sinks, enabled=dist.is_main())

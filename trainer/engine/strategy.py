@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import dist
+from trainer.models.sync_bn import convert_sync_bn
 
 
 class Strategy:
@@ -21,20 +22,23 @@ class Strategy:
 
     name = "ddp"
 
-    def __init__(self, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(self, device: torch.device, precision: str = "fp32", sync_bn: bool = False) -> None:
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={precision!r}: expected fp32, bf16 or fp16")
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
         self.device = device
         self.precision = precision
+        self.sync_bn = sync_bn
         self.scaler = torch.amp.GradScaler("cuda", init_scale=512) if precision == "fp16" else None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
         if dist.get_world_size() > 1:
-            # Buffers are not broadcast every step: BN running stats are per rank as in any DDP ReID code,
-            # and memory banks live outside the model.
+            if self.sync_bn:
+                model = convert_sync_bn(model, self.device)
+            # Buffers are not broadcast every step: with sync_bn every rank computes the same BN running
+            # stats itself; without it they are per rank as in plain DDP. Memory banks live outside the model.
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         return model

@@ -106,19 +106,19 @@ def average_bn_stats(model: nn.Module) -> None:
                 buf.copy_((dist.all_reduce(t) / world).to(buf.device, buf.dtype))
 
 
-def fresh_necks(model: nn.Module) -> list[nn.BatchNorm1d] | None:
+def fresh_necks(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm] | None:
     """The model's BN necks when none of them has ever run in train mode, else None."""
     necks = getattr(model, "necks", None)
     if necks is None or not hasattr(model, "raw_features"):
         return None
     necks = list(necks)
-    if not all(isinstance(n, nn.BatchNorm1d) and n.track_running_stats for n in necks):
+    if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.track_running_stats for n in necks):
         return None
     return necks if all(int(n.num_batches_tracked) == 0 for n in necks) else None
 
 
 @torch.no_grad()
-def calibrate_necks(necks: list[nn.BatchNorm1d], raw: torch.Tensor) -> torch.Tensor:
+def calibrate_necks(necks: list[nn.modules.batchnorm._BatchNorm], raw: torch.Tensor) -> torch.Tensor:
     """Set each neck's running mean/var (unbiased, as BN keeps it) to those of ``raw`` [N, S, D] (fp64),
     mark it calibrated (``num_batches_tracked = 1``) and return the eval-mode model output for ``raw``: BN with the new statistics, then L2 (as
     ``TMGF.forward``), so that no second extraction pass is needed."""
