@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,7 +108,7 @@ class Engine:
         if sinks is None:
             sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), ConsoleSink(cfg.log_every)]
         self.metrics = Metrics(sinks, enabled=dist.is_main())
-        self.hooks: list[Callable[[str, dict[str, Any]], None]] = []
+        method.bind_metrics(self.metrics.log)
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step_in_epoch: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,8 +27,21 @@ class StepResult:
     """Anything :meth:`Method.after_optimizer_step` needs (e.g. detached features for a memory update)."""
 
 
+def _no_log(kind: str, **fields: Any) -> None:
+    pass
+
+
 class Method(ABC):
     """A training method. Every hook is called on every rank, in the same order."""
+
+    log_event: Callable[..., None] = staticmethod(_no_log)
+    """``log_event(kind, **fields)``: a record of the method's own (e.g. TMGF's ``cluster`` statistics
+    per re-clustering) into the run's metrics (metrics.jsonl, console, any other sink); bound by the
+    engine (:meth:`bind_metrics`), a no-op outside one. Call it on every rank: only rank 0's sinks write."""
+
+    def bind_metrics(self, log: Callable[..., None]) -> None:
+        """Called by the engine with its ``Metrics.log`` before any other hook."""
+        self.log_event = log
 
     @abstractmethod
     def build_model(self) -> nn.Module:

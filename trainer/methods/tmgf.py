@@ -198,7 +198,6 @@ class TMGFMethod(Method):
         """Clustering statistics per re-clustering (epoch, clusters, outliers, proxies, ari, nmi, seconds)."""
         self.clusterings = 0
         """Re-clusterings run in this process (a mid-epoch resume must run none before the next epoch)."""
-        self._pending_logs: dict[str, float] = {}
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -292,11 +291,7 @@ class TMGFMethod(Method):
         stats = {"epoch": epoch, **clustering_stats(labels, proxies, self.train_store.pid),
                  "extract_s": round(t1 - t0, 3), "cluster_s": round(time.time() - t1, 3)}
         self.history.append(stats)
-        self._pending_logs = {k: float(v) for k, v in stats.items()
-                              if k in ("clusters", "outliers", "proxies", "ari", "nmi")}
-        if dist.is_main():
-            log.info("TMGF epoch %d: %d clusters, %d outliers, %d proxies (ARI %.3f) in %.1fs", epoch,
-                     stats["clusters"], stats["outliers"], stats["proxies"], stats["ari"], time.time() - t0)
+        self.log_event("cluster", **stats)  # metrics.jsonl + console on rank 0
         return stats
 
     def _install(self, labels: np.ndarray, proxies: CameraProxies, epoch: int) -> None:
@@ -321,9 +316,6 @@ class TMGFMethod(Method):
         proxy_ids = self.proxy_of[batch["index"]]
         out = tmgf_loss(feats, self.memory.memory, proxy_ids, self.tables, self.loss_cfg)
         logs = {k: float(out[k]) for k in ("global_off", "global_on", "part_off", "part_on")}
-        if self._pending_logs:
-            logs.update(self._pending_logs)
-            self._pending_logs = {}
         return StepResult(out["loss"], logs, extras={"features": feats.detach(), "proxy_ids": proxy_ids})
 
     def after_optimizer_step(self, model: nn.Module, batch: dict[str, torch.Tensor], result: StepResult) -> None:
