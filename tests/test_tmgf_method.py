@@ -8,6 +8,7 @@ contract is ``model(img, camid) -> [B, S, D]`` (slot 0 global, every row BN'd th
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,35 @@ def test_calibration_off_keeps_the_official_fresh_statistics(tmp_path: Path) -> 
     for neck in model.necks:
         assert torch.equal(neck.running_mean, torch.zeros_like(neck.running_mean))
         assert torch.equal(neck.running_var, torch.ones_like(neck.running_var))
+
+
+# -- the demo's path: a PAT model initialises TMGF -----------------------------------------------
+@pytest.mark.slow
+def test_pat_run_initialises_a_tmgf_run_as_the_demo_does(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from trainer.tmgf_demo import summarize
+    from trainer.train import run
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    pat_dir = tmp_path / "pat"
+    res = run(compose(["exp=pat_smoke", cache, f"run_dir={pat_dir}", "train.epochs=1", "eval.period=5"]))
+    assert res.status == "finished"
+    source = pat_dir / "model_final.safetensors"
+    pat = load_file(str(source))
+    cfg = _cfg(tmp_path / "tmgf", cache, "model.tmgf_stem=patch", f"model.pretrained={source}", "data.norm=vit_jx",
+               "train.epochs=1", "eval.at_start=true", "tmgf.eval_clustering=true", "train.ckpt_every_steps=0")
+    from trainer.methods.tmgf import TMGFMethod
+
+    method = TMGFMethod(cfg)
+    model = method.build_model()
+    for k, v in model.backbone.state_dict().items():  # PAT's backbone, its part-token rows dropped
+        if k != "pos_embed":
+            torch.testing.assert_close(v, pat[f"backbone.{k}"], msg=k)
+    res = run(cfg)
+    assert res.status == "finished"
+    text, numbers = summarize(tmp_path / "tmgf")
+    assert "start (source model)" in text and "TMGF (last)" in text
+    assert numbers["clusters_over_true_ids"] > 0 and np.isfinite(numbers["mAP_gain_points"])
+    records = [json.loads(line) for line in (tmp_path / "tmgf" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "cluster"] == [0]
