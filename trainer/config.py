@@ -69,6 +69,11 @@ class TrainConfig:
     """Complete checkpoints kept on disk (older ones removed); 0 keeps all."""
     log_every: int = 10
     """Console line every N steps (metrics.jsonl gets every step)."""
+    metrics_port: int = -1
+    """Serve the latest metrics to Prometheus from rank 0 on this port (``trainer/engine/prometheus.py``);
+    -1 = off, 0 = any free port (the URL is logged as a ``metrics_server`` record)."""
+    metrics_addr: str = "127.0.0.1"
+    """Address the Prometheus exporter binds to (loopback by default: expose it on purpose)."""
     max_steps: int = 0
     """Stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit. For tests."""
 
@@ -403,6 +408,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs={cfg.train.epochs}: expected > 0")
     if cfg.eval.period <= 0:
         raise ConfigError(f"eval.period={cfg.eval.period}: expected > 0")
+    if not -1 <= cfg.train.metrics_port <= 65535:
+        raise ConfigError(f"train.metrics_port={cfg.train.metrics_port}: expected -1 (off), 0 (any free port) "
+                          "or a port in 1..65535")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -107,7 +107,15 @@ class Engine:
         self.strategy = Strategy(self.device, precision, sync_bn=cfg.sync_bn)
         if sinks is None:
             sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), ConsoleSink(cfg.log_every)]
+        exporter = None
+        if cfg.metrics_port >= 0 and dist.is_main():
+            from trainer.engine.prometheus import PrometheusSink
+
+            exporter = PrometheusSink(cfg.metrics_port, cfg.metrics_addr, run=self.run_dir.name)
+            sinks = [*sinks, exporter]
         self.metrics = Metrics(sinks, enabled=dist.is_main())
+        if exporter is not None:
+            self.metrics.log("metrics_server", url=f"http://{exporter.addr}:{exporter.port}/metrics")
         method.bind_metrics(self.metrics.log)
 
     # -- state ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Metrics hooks: the engine reports every record to each sink; rank 0 writes ``metrics.jsonl``.
 
-A prometheus exporter or a progress bar is one more sink, with no change to the loop.
+The Prometheus exporter (``trainer/engine/prometheus.py``, ``train.metrics_port``) is one more sink;
+a method adds records of its own through ``Method.log_event`` (bound to :meth:`Metrics.log`).
 """
 
 from __future__ import annotations
