@@ -500,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         res = resources_from_args(args)
         cfg, job_overrides = compose_job(args.overrides)
         container = container_setup(res, os.getcwd(), cfg.run_dir)
+        from trainer.train import check_resume_config
+
+        check_resume_config(cfg)  # before anything is written or queued
     except (LaunchError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,53 @@ from trainer.methods import build_method
 from shards.records import atomic_write_bytes
 
 
+RESUMABLE_CHANGES = (
+    "name", "run_dir", "train.epochs", "train.resume", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
+    "train.ckpt_every_epochs", "train.keep_checkpoints", "train.metrics_port", "train.metrics_addr", "eval.",
+    "data.num_workers", "data.root", "data.cache_dir",
+)
+"""Keys (or prefixes ending in ``.``) that may change when a run is resumed: when and how it stops,
+checkpoints, logs, evaluation and where the data is read from. Anything else changes the training."""
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume_config(cfg: Config) -> None:
+    """Refuse to resume ``cfg.run_dir`` when its checkpoints were made with another training config.
+
+    Compares the run dir's ``config.yaml`` with ``cfg`` when ``train.resume=auto`` would resume a
+    checkpoint there; keys of :data:`RESUMABLE_CHANGES` may differ. Raises :class:`ConfigError`
+    naming every other differing key (old -> new) and what to do instead.
+    """
+    from omegaconf import OmegaConf
+
+    from trainer.engine.checkpoint import list_checkpoints
+
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "config.yaml"
+    if cfg.train.resume != "auto" or not saved.is_file() or not list_checkpoints(run_dir / "checkpoints"):
+        return
+    try:
+        old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    except Exception as exc:  # a damaged file must not be silently trusted either
+        raise ConfigError(f"{saved}: cannot read the run's config ({exc}); pass train.resume=never or another run_dir") from None
+    new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False))
+    free = lambda k: any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)  # noqa: E731
+    diff = [f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
+            for k in sorted(set(old) | set(new)) if not free(k) and old.get(k, "<absent>") != new.get(k, "<absent>")]
+    if diff:
+        shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise ConfigError(f"run_dir={cfg.run_dir} holds checkpoints of another config: {shown}; resume with the same "
+                          "config, or use another run_dir (or train.resume=never to start over there)")
+
+
 def write_run_config(cfg: Config) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -27,6 +74,7 @@ def write_run_config(cfg: Config) -> Path:
 def run(cfg: Config, stop_flag: StopFlag | None = None) -> FitResult:
     """Train ``cfg`` in this process (a rank of the job); the process group must be set up."""
     run_dir = Path(cfg.run_dir)
+    check_resume_config(cfg)  # every rank: all of them stop with the same error
     if dist.is_main():
         write_run_config(cfg)
     dist.barrier()
@@ -39,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         cfg = compose(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_resume_config(cfg)  # before any process group: a one-line error, no traceback
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
