@@ -150,3 +150,19 @@ def test_multistep_schedule() -> None:
     for e, want in [(0, 3.5e-6), (9, 3.1535e-4), (10, 3.5e-4), (20, 3.5e-5), (45, 3.5e-6)]:
         sched.set_epoch(e)
         assert opt.param_groups[0]["lr"] == pytest.approx(want)
+
+
+def test_train_records_carry_progress_and_eta(tmp_path: Path) -> None:
+    records: list[dict] = []
+
+    class ListSink:
+        def log(self, record: dict) -> None:
+            records.append(record)
+
+        def close(self) -> None:
+            pass
+
+    Engine(ToyMethod(), _cfg(epochs=2), EvalConfig(period=1), tmp_path, sinks=[ListSink()]).fit()
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["progress"] for r in train] == [round((i + 1) / (2 * STEPS), 4) for i in range(2 * STEPS)]
+    assert all(r["eta_s"] >= 0 for r in train) and train[-1]["eta_s"] == 0

@@ -150,3 +150,10 @@ def test_tmgf_forward_and_necks_under_sync_bn_match_world1(tmp_path) -> None:
         # DDP averages per-rank gradients of per-rank sums: world-2 gradient = world-1 gradient / 2
         for k, g in single["grads"].items():
             torch.testing.assert_close(r["grads"][k] * 2, g, atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_cuda_runs_get_torch_syncbatchnorm() -> None:
+    # conversion only (no forward): runs without a GPU; the CUDA forward is torch's own kernel
+    net = convert_sync_bn(_net(), torch.device("cuda"))
+    assert isinstance(net.bn2, nn.SyncBatchNorm) and isinstance(net.neck, nn.SyncBatchNorm)
+    assert not net.neck.bias.requires_grad

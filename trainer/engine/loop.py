@@ -181,6 +181,8 @@ class Engine:
 
         last: dict[str, Any] = {}
         result_status = "finished"
+        total_steps = cfg.epochs * steps_per_epoch
+        t_fit, steps_at_fit = time.time(), global_step  # ETA from this process's own pace (evals included)
         while epoch < cfg.epochs:
             schedule.set_epoch(epoch)
             self.method.on_epoch_start(model, epoch, step_in_epoch)
@@ -199,7 +201,10 @@ class Engine:
                 n_img = int(batch["img"].shape[0]) * dist.get_world_size() if "img" in batch else 0
                 self.metrics.log("train", step=global_step, epoch=epoch, loss=float(result.loss.detach()),
                                  lr=optimizer.param_groups[0]["lr"], sec=round(now - t_last, 4),
-                                 img_per_s=round(n_img / max(now - t_last, 1e-9), 2), **result.logs)
+                                 img_per_s=round(n_img / max(now - t_last, 1e-9), 2),
+                                 progress=round(global_step / total_steps, 4),
+                                 eta_s=round((total_steps - global_step) * (now - t_fit) / (global_step - steps_at_fit)),
+                                 **result.logs)
                 t_last = now
                 done_epoch = step_in_epoch >= steps_per_epoch
                 hit_max = cfg.max_steps > 0 and global_step >= cfg.max_steps
