@@ -43,11 +43,15 @@ def prepare(cfg: Config) -> None:
 
 def launch_local(overrides: list[str]) -> int:
     """Train through ``launch/slurm.py --cluster local`` with NPROC gloo processes (the path a cluster
-    user takes: the launcher composes, writes the run dir and submits); waits; returns the exit code."""
+    user takes: the launcher composes, writes the run dir and submits); waits; returns the exit code
+    (and says so on stderr when it is not 0)."""
     launcher = Path(__file__).resolve().parents[1] / "launch" / "slurm.py"
     cmd = [sys.executable, str(launcher), "--cluster", "local", "--nodes", "1", f"--tasks-per-node={NPROC}",
            "--cpus-per-task", "1", "--time", "60", "--wait", *overrides]
-    return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    rc = subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if rc != 0:
+        print(f"error: training exited with {rc}", file=sys.stderr)
+    return rc
 
 
 def run_pat_demo(overrides: list[str]) -> int:
@@ -64,7 +68,6 @@ def run_pat_demo(overrides: list[str]) -> int:
           f"{cfg.run_dir}", flush=True)
     rc = launch_local(overrides)
     if rc != 0:
-        print(f"error: training exited with {rc}", file=sys.stderr)
         return rc
     print("[3/3] results", flush=True)
     from trainer.plots import plot_run, read_metrics

@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
           f"local cluster: {cfg.run_dir}", flush=True)
     rc = launch_local(overrides)
     if rc != 0:
-        print(f"error: training exited with {rc}", file=sys.stderr)
         return rc
     text, _ = summarize(Path(cfg.run_dir))
     print(text)

@@ -57,40 +57,24 @@ log = logging.getLogger(__name__)
 _CAM_INPUTS = ("img", "camid")
 
 
-class AllSlots(nn.Module):
-    """``model(img, camid)`` [B, S, D] flattened to [B, S*D] (the extractor gathers 2-D features)."""
+class SlotView(nn.Module):
+    """What the extractor gathers from a TMGF model (2-D rows): ``all`` slots (BN'd, L2) flattened to
+    [B, S*D], ``raw`` slots (before the BN necks) flattened, or ``global`` (slot 0: the test-time
+    feature, §8)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, view: str) -> None:
         super().__init__()
+        if view not in ("all", "raw", "global"):
+            raise ValueError(f"SlotView: view={view!r}: expected 'all', 'raw' or 'global'")
         self.model = model
+        self.view = view
         self.train(model.training)  # the extractor restores this mode afterwards: keep the model's own
 
     def forward(self, img: torch.Tensor, camid: torch.Tensor) -> torch.Tensor:
-        return self.model(img, camid).flatten(1)
-
-
-class RawSlots(nn.Module):
-    """``model.raw_features(img, camid)`` [B, S, D] (before the BN necks) flattened to [B, S*D]."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.train(model.training)
-
-    def forward(self, img: torch.Tensor, camid: torch.Tensor) -> torch.Tensor:
-        return self.model.raw_features(img, camid).flatten(1)
-
-
-class GlobalFeature(nn.Module):
-    """Slot 0 (the global feature) of ``model(img, camid)``: the test-time feature (§8)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.train(model.training)  # the extractor restores this mode afterwards: keep the model's own
-
-    def forward(self, img: torch.Tensor, camid: torch.Tensor) -> torch.Tensor:
-        return self.model(img, camid)[:, 0]
+        if self.view == "raw":
+            return self.model.raw_features(img, camid).flatten(1)
+        out = self.model(img, camid)
+        return out[:, 0] if self.view == "global" else out.flatten(1)
 
 
 @torch.no_grad()
@@ -245,7 +229,7 @@ class TMGFMethod(Method):
         if self.t.sync_bn_stats:
             average_bn_stats(model)
         necks = fresh_necks(model) if self.t.calibrate_necks else None
-        wrap = RawSlots(model) if necks is not None else AllSlots(model)
+        wrap = SlotView(model, "raw" if necks is not None else "all")
         flat = extract(wrap, self.train_store, self.test_tf, self.cfg.eval.batch_size,
                        self.cfg.data.num_workers, inputs=_CAM_INPUTS)
         feats = flat.view(flat.shape[0], int(model.num_slots), -1)
@@ -327,7 +311,7 @@ class TMGFMethod(Method):
         e = self.cfg.eval
         if self.t.sync_bn_stats:
             average_bn_stats(model)
-        out = evaluate_targets(GlobalFeature(model), self.targets, self.test_tf, e.batch_size,
+        out = evaluate_targets(SlotView(model, "global"), self.targets, self.test_tf, e.batch_size,
                                self.cfg.data.num_workers, rerank=e.rerank, max_rank=e.max_rank, inputs=_CAM_INPUTS)
         if self.t.eval_clustering:
             feats = self.extract_train(model)
@@ -368,4 +352,4 @@ class TMGFMethod(Method):
         self.loader.load_state_dict(state["sampler"])
 
 
-__all__ = ["TMGFMethod", "AllSlots", "GlobalFeature", "average_bn_stats", "cluster_features", "clustering_stats"]
+__all__ = ["TMGFMethod", "SlotView", "average_bn_stats", "cluster_features", "clustering_stats"]

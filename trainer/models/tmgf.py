@@ -90,7 +90,7 @@ from torch import nn
 from .backbones import build_vit, grid_size
 from .heads import frozen_bias_bn
 from .registry import ModelConfig, register_model
-from .weights import LoadReport, load_pretrained, read_state_dict
+from .weights import LoadReport, fit_errors, load_pretrained, read_state_dict
 
 TMGF_VARIANTS: Mapping[str, Mapping[str, Any]] = {
     "tmgf": {},
@@ -332,15 +332,10 @@ class TMGF(nn.Module):
         """
         report = LoadReport(path=str(path))
         own = self.state_dict()
-        missing = [k for k in own if k not in state and k not in _CAMERA_KEYS]
-        unexpected = [k for k in state if k not in own and k not in _CAMERA_KEYS]
-        mismatched = [f"{k} (expected {tuple(own[k].shape)}, found {tuple(v.shape)})"
-                      for k, v in state.items() if k in own and k not in _CAMERA_KEYS and v.shape != own[k].shape]
-        if missing or unexpected or mismatched:
-            parts = [f"{label}: {', '.join(keys[:25])}{' …' if len(keys) > 25 else ''}" for label, keys in
-                     (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        misfit = fit_errors(own, state, ignore=_CAMERA_KEYS)
+        if misfit:
             raise ValueError(f"{path}: a TMGF checkpoint that does not fit this TMGF model "
-                             f"(same backbone, img_size, granularities and variant needed); " + "; ".join(parts))
+                             f"(same backbone, img_size, granularities and variant needed); {misfit}")
         for key, value in state.items():
             if key in _CAMERA_KEYS:
                 report.skipped.append(key)

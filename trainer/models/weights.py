@@ -194,6 +194,18 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:_MAX_LISTED]) + more
 
 
+def fit_errors(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+               may_miss: Callable[[str], bool] = lambda k: False, ignore: Collection[str] = ()) -> str:
+    """Every way ``state`` does not fit the ``own`` state dict, as one line ("" when it fits):
+    missing keys (unless ``may_miss``), unexpected keys, shape mismatches; ``ignore`` keys on either side."""
+    missing = [k for k in own if k not in state and k not in ignore and not may_miss(k)]
+    unexpected = [k for k in state if k not in own and k not in ignore]
+    mismatched = [f"{k} (expected {tuple(own[k].shape)}, found {tuple(v.shape)})"
+                  for k, v in state.items() if k in own and k not in ignore and v.shape != own[k].shape]
+    return "; ".join(f"{label}: {_listed(keys)}" for label, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys)
+
+
 def load_pretrained(
     model: nn.Module,
     path: str | Path,
@@ -247,14 +259,9 @@ def load_pretrained(
     def allowed(key: str) -> bool:
         return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allow_missing)
 
-    missing = [k for k in own if k not in state and not allowed(k)]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} (expected {tuple(own[k].shape)}, found {tuple(v.shape)})"
-                  for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{label}: {_listed(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
-        raise ValueError(f"{path}: weights do not fit {type(target).__name__}; " + "; ".join(parts))
+    misfit = fit_errors(own, state, may_miss=allowed)
+    if misfit:
+        raise ValueError(f"{path}: weights do not fit {type(target).__name__}; {misfit}")
 
     with torch.no_grad():
         for key, value in state.items():
