@@ -334,7 +334,9 @@ def test_train_pipeline_matches_torchvision(lgt_p: float) -> None:
         want = ref(img)
         got = ours(img, AugRNG(torch.Generator().manual_seed(seed), random.Random(1000 + seed)))
         assert got.shape == (3, H, W) and got.dtype == torch.float32
-        assert torch.allclose(got, want, atol=1e-6), seed
+        # uint8 pixels: a wrong pixel, flip or crop moves a value by >= 1/255/std ~ 0.017; float32
+        # normalisation in another order differs by a few ulp (<= 1e-6 at |x| <= 2.7)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), seed
 
 
 def test_pipelines_shapes_and_seeding() -> None:
@@ -345,7 +347,7 @@ def test_pipelines_shapes_and_seeding() -> None:
 
     ref = T.Compose([T.Resize((H, W), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
                      T.Normalize([0.5] * 3, [0.5] * 3)])
-    assert torch.allclose(x, ref(img), atol=1e-6) and x.shape == (3, H, W)
+    assert torch.allclose(x, ref(img), atol=1e-5, rtol=0) and x.shape == (3, H, W)  # same bound as above
     tr = build_transforms(TransformConfig(size=(H, W), lgt_p=0.5, erasing_p=0.5, norm="luperson"), train=True)
     outs = [tr(img, s) for s in range(8)]
     assert all(o.shape == (3, H, W) for o in outs)

@@ -65,10 +65,14 @@ def test_world_equals_single(world_size, n):
     model = make_model().eval()
     with torch.no_grad():
         direct = model(TinySet(n).imgs)
-    torch.testing.assert_close(single["features"], direct, rtol=1e-6, atol=1e-6)
+    # float32 features of magnitude ~2 computed in batches of other sizes: the CPU's GEMM kernels
+    # differ per shape by a few ulp (~2e-7 here, measured up to 3.5); 1e-5 relative is ~50 ulp above
+    # that, while a wrong row, sample or rank slice differs by O(1).
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single["features"], direct, **tol)
     for out in results:
         assert out["features"].shape == (n, 5)
-        torch.testing.assert_close(out["features"], single["features"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["features"], single["features"], **tol)
         assert torch.equal(out["pid"], 100 + torch.arange(n) // 2)
         assert torch.equal(out["camid"], torch.arange(n) % 3)
     assert torch.equal(results[0]["features"], results[-1]["features"])  # identical on every rank
