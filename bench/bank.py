@@ -21,7 +21,6 @@ the official code (single process, no collectives), the host→device copy of th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.cli import Parser, int_list, non_negative_int, positive_int, run_cli  # noqa: E402
 from trainer.losses import communication_bytes, csl_step  # noqa: E402
 from trainer.memory import PartMemoryBank  # noqa: E402
 
@@ -179,31 +179,41 @@ def bench_official(n: int, batch: int, parts: int, dim: int, k: int, steps: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """A bad argument is one line on stderr and exit 2 (``bench/cli.py``)."""
+    return run_cli("bench/bank.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = Parser(prog="bench/bank.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 steps (a functional check)")
-    ap.add_argument("--rows", default="10000,20000,40000,80000,160000,320000,1000000",
+    ap.add_argument("--rows", type=int_list, default="10000,20000,40000,80000,160000,320000,1000000",
                     help="comma-separated bank sizes N")
-    ap.add_argument("--official-max", type=int, default=80000, help="largest N for the official restatement")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--parts", type=int, default=3)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--world", type=int, default=8, help="ranks assumed for our communicated bytes")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--official-max", type=non_negative_int, default=80000,
+                    help="largest N for the official restatement")
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--parts", type=positive_int, default=3)
+    ap.add_argument("--dim", type=positive_int, default=768)
+    ap.add_argument("--k", type=positive_int, default=10)
+    ap.add_argument("--steps", type=positive_int, default=10)
+    ap.add_argument("--world", type=positive_int, default=8, help="ranks assumed for our communicated bytes")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--threads", type=non_negative_int, default=0,
                     help="torch CPU threads (0 = torch's default; 1 gives stable figures on a busy host)")
     args = ap.parse_args(argv)
+    if args.batch % args.world:
+        ap.error(f"--batch {args.batch} must be divisible by --world {args.world}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here; use --device cpu or auto")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json {args.json}: its folder does not exist; create it or pass another path")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.rows, args.official_max, args.steps = "2000,10000", 10000, 2
-    if args.batch % args.world:
-        ap.error(f"--batch {args.batch} must be divisible by --world {args.world}")
+        args.rows, args.official_max, args.steps = [2000, 10000], 10000, 2
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    sizes = [int(x) for x in args.rows.split(",") if x]
+    sizes = list(args.rows)
 
     # Communication: O(batch·dim + batch·k·world) per rank, no N anywhere.
     comm = communication_bytes(args.batch // args.world, args.world, args.parts, args.dim, args.k)

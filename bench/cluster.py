@@ -25,6 +25,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a script
+
+from bench.cli import Parser, positive_int, run_cli  # noqa: E402
 
 
 def reid_like(n: int, d: int = 384, seed: int = 0, per_id: int = 30, cams: int = 15,
@@ -91,18 +94,23 @@ def run(variant: str, n: int, args: argparse.Namespace, tmp: str) -> tuple[dict,
     return rec, np.load(out + ".npy")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    """A bad argument is one line on stderr and exit 2 (``bench/cli.py``)."""
+    return run_cli("bench/cluster.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> None:
+    p = Parser(prog="bench/cluster.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
-    p.add_argument("--sizes", type=int, nargs="*", help="sizes run with both variants")
-    p.add_argument("--ours-only", type=int, nargs="*", help="sizes run with ours only")
-    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--sizes", type=positive_int, nargs="*", help="sizes run with both variants")
+    p.add_argument("--ours-only", type=positive_int, nargs="*", help="sizes run with ours only")
+    p.add_argument("--d", type=positive_int, default=384)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
     p.add_argument("--worker", choices=["ours", "ref"], help=argparse.SUPPRESS)
     p.add_argument("--feats", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         worker(args.worker, args.feats, args.out, args.threads)
         return
@@ -136,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,7 +22,6 @@ packing is mainly tens of files per dataset instead of 10^5 opens per epoch.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -37,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import Parser, non_negative_int, positive_int, run_cli  # noqa: E402
 from shards.pack import pack  # noqa: E402
 from trainer.data.dataset import ReIDDataset  # noqa: E402
 from trainer.data.store import SampleIndex, SampleStore, WidsSampleStore  # noqa: E402
@@ -117,15 +117,23 @@ def pipeline_rate(store: SampleIndex, order: np.ndarray, workers: int, batch: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """A bad argument is one line on stderr and exit 2 (``bench/cli.py``)."""
+    return run_cli("bench/data.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = Parser(prog="bench/data.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small size: 1,500 images")
-    ap.add_argument("--images", type=int, default=None, help="train images (default 12,936; quick 1,500)")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=None,
+    ap.add_argument("--images", type=positive_int, default=None, help="train images (default 12,936; quick 1,500)")
+    ap.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader workers")
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=None,
                     help="timed rounds, variants interleaved, best kept (default 3; quick 1)")
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        ap.error(f"--json {args.json}: its folder does not exist; create it or pass another path")
     n = args.images or (1500 if args.quick else 12936)
     repeats = args.repeats or (1 if args.quick else 3)
     res: dict[str, object] = {"images": n, "workers": args.workers, "batch": args.batch, "quick": args.quick,

@@ -31,6 +31,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+
+from bench.cli import Parser, positive_int, run_cli  # noqa: E402
+
 SIZES = {  # name: (queries, gallery, identities, cameras)
     "quick": (600, 3000, 150, 6),
     "market": (3368, 15913, 750, 6),
@@ -207,20 +211,34 @@ def run_child(variant: str, case: Case, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    """A bad argument is one line on stderr and exit 2 (``bench/cli.py``)."""
+    return run_cli("bench/eval.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> None:
+    p = Parser(prog="bench/eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small size only (smoke run)")
     p.add_argument("--sizes", nargs="+", default=None, choices=sorted(SIZES), help="default: market msmt")
-    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--dim", type=positive_int, default=768)
     p.add_argument("--noise", type=float, default=2.0, help="per-dimension noise around identity centroids")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-rank", type=int, default=50)
-    p.add_argument("--device", default="cpu", help="device of both variants (default cpu)")
-    p.add_argument("--block-size", type=int, default=None, help="query rows per block (default: automatic)")
+    p.add_argument("--max-rank", type=positive_int, default=50)
+    p.add_argument("--device", default="cpu", help="device of both variants: cpu (default), cuda or cuda:N")
+    p.add_argument("--block-size", type=positive_int, default=None, help="query rows per block (default: automatic)")
     p.add_argument("--baseline-sort", default="stable", choices=["stable", "quicksort"])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.device != "cpu":
+        import torch
+
+        try:
+            usable = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+        except RuntimeError:
+            usable = False
+        if not usable:
+            p.error(f"--device {args.device}: not a usable device here; use --device cpu (or cuda on a GPU machine)")
 
     if args.child:
         print(json.dumps(child(args.child, Case(**json.loads(args.case)), args.device, args.block_size,
@@ -265,4 +283,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

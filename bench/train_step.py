@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bank as bank_bench  # noqa: E402
+from bench.cli import Parser, int_list, non_negative_int, positive_int, run_cli  # noqa: E402
 from trainer.losses import label_smooth_ce, triplet_loss  # noqa: E402
 from trainer.models import ModelConfig, build_model  # noqa: E402
 
@@ -71,26 +72,43 @@ def bench_models(backbone: str, img_size: tuple[int, int], batch: int, repeats: 
     return out
 
 
+def _height_width(text: str) -> tuple[int, int]:
+    """``H,W`` in pixels (argparse type)."""
+    size = int_list(text)
+    if len(size) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHT,WIDTH, e.g. 256,128")
+    return size[0], size[1]
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """A bad argument is one line on stderr and exit 2 (``bench/cli.py``)."""
+    return run_cli("bench/train_step.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from trainer.models.backbones import available_backbones
+
+    ap = Parser(prog="bench/train_step.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny ViT and small bank sizes (a functional check)")
-    ap.add_argument("--backbone", default="vit_base_patch16_224")
-    ap.add_argument("--img-size", default="256,128")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--precision", default="auto", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--backbone", default="vit_base_patch16_224", choices=available_backbones(), metavar="BACKBONE",
+                    help="a ViT of trainer/models/backbones.py (default vit_base_patch16_224)")
+    ap.add_argument("--img-size", type=_height_width, default="256,128", help="HEIGHT,WIDTH (default 256,128)")
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--skip-bank", action="store_true")
-    ap.add_argument("--bank-rows", default="", help="bank sizes for bench/bank.py (default: its own)")
+    ap.add_argument("--bank-rows", type=int_list, default=None, help="bank sizes for bench/bank.py (default: its own)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.backbone, args.img_size, args.batch, args.repeats = "vit_test", "64,32", 16, 5
+        args.backbone, args.img_size, args.batch, args.repeats = "vit_test", (64, 32), 16, 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    size = tuple(int(x) for x in args.img_size.split(","))
+    size = args.img_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# model step: {args.backbone} {size[0]}x{size[1]} batch {args.batch} {precision} on {name}")
     r = bench_models(args.backbone, size, args.batch, args.repeats, args.warmup, device, precision)
@@ -102,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         print("# memory bank per step (bench/bank.py)")
         bank_args = ["--quick"] if args.quick else []
         if args.bank_rows:
-            bank_args += ["--rows", args.bank_rows]
+            bank_args += ["--rows", ",".join(map(str, args.bank_rows))]
         if args.threads:
             bank_args += ["--threads", str(args.threads)]
-        bank_bench.main(bank_args)
+        return bank_bench.main(bank_args)
     return 0
 
 

@@ -1,7 +1,9 @@
 """``python launch/slurm.py [options] exp=NAME key=value …`` — submit a training run with submitit.
 
-The config is composed and validated here, before anything is queued (a bad key, value or ``exp``
-is a one-line error, exit 2); synthetic datasets are prepared here, in one process, so that N
+The config is composed and validated here, before anything is written or queued, and so are the
+flags (against what the cluster kind can honour), the run directory, the packed datasets and, to
+submit, the SLURM client: each mistake is a one-line error, exit 2 (``--dry-run`` checks the same,
+except the SLURM client); synthetic datasets are prepared here, in one process, so that N
 nodes don't race; the run directory gets the resolved ``config.yaml``; then a :class:`TrainJob`
 (a submitit Checkpointable) is submitted to SLURM (``--cluster slurm``), to local processes
 (``local``) or run in this process (``debug``).
@@ -23,6 +25,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +41,7 @@ if str(_REPO) not in sys.path:  # run as a script: the repo's packages must be i
 import submitit  # noqa: E402
 import torch  # noqa: E402
 
+from shards.errors import CliParser, UserError, run_cli  # noqa: E402
 from shards.records import atomic_write_bytes  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer.config import Config, ConfigError, compose  # noqa: E402
@@ -54,7 +58,7 @@ LOCAL_REQUEUE_EXIT = 144
 """submitit's local controller restarts all tasks when one exits with this code (its requeue)."""
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError):
     """A bad launcher argument: the message is one line naming it."""
 
 
@@ -195,14 +199,50 @@ def render_sbatch(params: dict[str, Any], folder: str | os.PathLike[str]) -> str
 
 
 def executor_parameters(res: Resources, cluster: str, job_name: str) -> dict[str, Any]:
-    """``AutoExecutor.update_parameters`` keywords for ``cluster``."""
+    """``update_parameters`` keywords of the executor :func:`make_executor` builds for ``cluster``.
+
+    ``local``: what submitit's LocalExecutor honours (time limit, warning delay, ranks, GPUs);
+    ``debug`` runs in this process and honours none (its flags are refused, see :data:`NOT_HONOURED`).
+    """
     if cluster == "slurm":
         return {f"slurm_{k}": v for k, v in slurm_parameters(res, job_name).items()}
-    params: dict[str, Any] = {"name": job_name, "nodes": 1, "tasks_per_node": res.tasks_per_node,
-                              "timeout_min": res.time_min}
+    if cluster == "debug":
+        return {}
+    params: dict[str, Any] = {"nodes": 1, "tasks_per_node": res.tasks_per_node, "timeout_min": res.time_min,
+                              "signal_delay_s": res.signal_delay_s}
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
     return params
+
+
+def make_executor(cluster: str, folder: str | os.PathLike[str], res: Resources, job_name: str,
+                  container: dict[str, Any]) -> submitit.Executor:
+    """The submitit executor for ``cluster``, its parameters set. ``local`` is built directly:
+    AutoExecutor does not pass ``signal_delay_s`` (nor the time-out cap) to the LocalExecutor."""
+    params = executor_parameters(res, cluster, job_name)
+    executor: submitit.Executor
+    if cluster == "slurm":
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=res.max_requeues,
+                                         **({"slurm_python": container["python"]} if "python" in container else {}))
+        if "srun_args" in container:
+            params["slurm_srun_args"] = container["srun_args"]
+    elif cluster == "local":
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues)
+    else:
+        executor = submitit.DebugExecutor(folder=folder)
+    executor.update_parameters(**params)
+    return executor
+
+
+def job_environment(res: Resources, cluster: str, environ: dict[str, str]) -> dict[str, str]:
+    """Variables to set in the launcher's environment, which sbatch and the local executor pass to
+    the job: the checkout first on PYTHONPATH (the job imports ``launch`` and ``trainer`` from it)
+    and, on ``local``, ``--cpus-per-task`` as each rank's thread count (SLURM grants it as cores)."""
+    rest = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(_REPO)]
+    env = {"PYTHONPATH": os.pathsep.join([str(_REPO)] + rest)}
+    if cluster == "local" and res.cpus_per_task is not None:
+        env["OMP_NUM_THREADS"] = str(res.cpus_per_task)
+    return env
 
 
 # -- requeue bookkeeping (run_dir/requeues.json) ---------------------------------------------------
@@ -414,44 +454,85 @@ def _log_start(run_dir: Path, cfg: Config, job_id: str, state: dict[str, Any], m
 
 # -- the launcher ----------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+PROG = "launch/slurm.py"
+DEFAULT_TIME = "24:00:00"
+DEFAULT_SIGNAL_DELAY_S = 120
+DEFAULT_MAX_REQUEUES = 3
+START_ALLOWANCE_S = 120
+"""Seconds of ``--time`` that are not training, besides ``--signal-delay``: process start, imports,
+rendezvous, data loading and one checkpoint (60 s), and the up to 60 s by which SLURM may send the
+warning signal early. A shorter ``--time`` would be killed before it could save anything."""
+LOCAL_MAX_REQUEUES = 5
+"""submitit's local controller starts a job at most 6 times: 5 requeues."""
+
+NOT_HONOURED: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "local": (("--mem", "--partition", "--account", "--qos", "--constraint", "--apptainer", "--container-image"),
+              "its processes run here, with no scheduler to grant memory, a partition, an account, a QoS or node "
+              "features, and no container", "submit with --cluster slurm"),
+    "debug": (("--cpus-per-task", "--mem", "--time", "--signal-delay", "--max-requeues", "--partition", "--account",
+               "--qos", "--constraint", "--apptainer", "--container-image"),
+              "the job runs in this process: nothing enforces a time limit, sends the warning, requeues, allots "
+              "CPUs or memory, or starts a container", "use --cluster local or slurm"),
+}
+"""Per cluster kind: the flags it cannot honour (refused when given, never dropped), why, and the fix.
+Refused rather than warned about: each is a request to a scheduler, and a run that went on without
+it would not be the run the command describes."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python launch/slurm.py",
+    # flags a cluster kind may not honour default to None, so that "given" can be told from "default"
+    p = CliParser(PROG, prog="python launch/slurm.py",
                 description="Submit a training run (exp=NAME key=value ...) to SLURM with submitit.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0: CPU, gloo)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: GPUs per node, 1 on CPU)")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per rank")
-    p.add_argument("--mem", default=None, help="memory per node: 64G, 4000M")
-    p.add_argument("--time", default="24:00:00", help="time limit: minutes or [D-]HH:MM:SS (default 24:00:00)")
-    p.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds of warning (USR2) before the time limit (default 120)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--constraint", default=None)
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPU cores per rank (local: each rank's thread count, OMP_NUM_THREADS)")
+    p.add_argument("--mem", default=None, help="memory per node: 64G, 4000M (slurm only)")
+    p.add_argument("--time", default=None, help=f"time limit: minutes or [D-]HH:MM:SS (default {DEFAULT_TIME}); "
+                                                f"at least --signal-delay + {START_ALLOWANCE_S} s")
+    p.add_argument("--signal-delay", type=int, default=None,
+                   help=f"seconds of warning (USR2) before the time limit (default {DEFAULT_SIGNAL_DELAY_S})")
+    p.add_argument("--partition", default=None, help="slurm only")
+    p.add_argument("--account", default=None, help="slurm only")
+    p.add_argument("--qos", default=None, help="slurm only")
+    p.add_argument("--constraint", default=None, help="slurm only")
     p.add_argument("--cluster", choices=CLUSTERS, default="slurm",
                    help="slurm (sbatch), local (local processes), debug (in this process)")
-    p.add_argument("--max-requeues", type=int, default=3, help="requeues allowed (default 3)")
+    p.add_argument("--max-requeues", type=int, default=None,
+                   help=f"requeues allowed (default {DEFAULT_MAX_REQUEUES}; local: at most {LOCAL_MAX_REQUEUES})")
     p.add_argument("--apptainer", metavar="IMAGE", default=None,
                    help="run the ranks in this Apptainer image (.sif): apptainer exec [--nv] IMAGE python")
     p.add_argument("--container-image", metavar="IMAGE", default=None,
                    help="run the ranks in this image through pyxis/enroot (srun --container-image)")
     p.add_argument("--folder", default=None, help="submitit folder (default RUN_DIR/submitit/%%j)")
-    p.add_argument("--dry-run", action="store_true", help="print what would be submitted and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print what would be submitted and exit (needs no SLURM here)")
     p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
     p.add_argument("overrides", nargs="*", help="config overrides: exp=NAME key=value ...")
     return p
 
 
+def check_cluster_flags(args: argparse.Namespace) -> None:
+    """Refuse, in one line, every given flag that ``args.cluster`` cannot honour."""
+    if args.cluster not in NOT_HONOURED:
+        return
+    flags, why, fix = NOT_HONOURED[args.cluster]
+    given = [f"{f}={getattr(args, f[2:].replace('-', '_'))}" for f in flags
+             if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        raise LaunchError(f"{' '.join(given)}: --cluster {args.cluster} cannot honour {them} ({why}); "
+                          f"drop {them}, or {fix}")
+
+
 def resources_from_args(args: argparse.Namespace) -> Resources:
+    check_cluster_flags(args)
+    time_text = DEFAULT_TIME if args.time is None else args.time
+    delay = DEFAULT_SIGNAL_DELAY_S if args.signal_delay is None else args.signal_delay
+    max_requeues = DEFAULT_MAX_REQUEUES if args.max_requeues is None else args.max_requeues
     for flag, value, low in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
-                             ("--max-requeues", args.max_requeues, 0), ("--signal-delay", args.signal_delay, 1)):
+                             ("--max-requeues", max_requeues, 0), ("--signal-delay", delay, 1)):
         if value < low:
             raise LaunchError(f"{flag}={value}: expected >= {low}")
     tasks = args.tasks_per_node if args.tasks_per_node is not None else max(1, args.gpus_per_node)
@@ -461,23 +542,70 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
         raise LaunchError(f"--cpus-per-task={args.cpus_per_task}: expected >= 1")
     res = Resources(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
-        mem=parse_mem(args.mem) if args.mem else None, time_min=parse_time(args.time),
-        signal_delay_s=args.signal_delay, partition=_name_arg("--partition", args.partition),
+        mem=parse_mem(args.mem) if args.mem else None, time_min=parse_time(time_text),
+        signal_delay_s=delay, partition=_name_arg("--partition", args.partition),
         account=_name_arg("--account", args.account), qos=_name_arg("--qos", args.qos),
-        constraint=_name_arg("--constraint", args.constraint), max_requeues=args.max_requeues,
+        constraint=_name_arg("--constraint", args.constraint), max_requeues=max_requeues,
         apptainer=_name_arg("--apptainer", args.apptainer),
         container_image=_name_arg("--container-image", args.container_image))
     if res.apptainer and res.container_image:
         raise LaunchError("--apptainer and --container-image: choose one")
-    if (res.apptainer or res.container_image) and args.cluster != "slurm":
-        raise LaunchError(f"--apptainer/--container-image: only with --cluster slurm (got {args.cluster})")
     if args.cluster in ("local", "debug") and res.nodes != 1:
         raise LaunchError(f"--nodes={res.nodes}: --cluster {args.cluster} runs on this machine only (use 1)")
     if args.cluster == "debug" and res.tasks_per_node != 1:
         raise LaunchError(f"--tasks-per-node={res.tasks_per_node}: --cluster debug runs one process (use 1)")
-    if res.signal_delay_s >= res.time_min * 60:
-        raise LaunchError(f"--signal-delay={res.signal_delay_s}: must be shorter than --time ({res.time_min} min)")
+    if args.cluster == "local" and res.max_requeues > LOCAL_MAX_REQUEUES:
+        raise LaunchError(f"--max-requeues={res.max_requeues}: --cluster local restarts a job at most "
+                          f"{LOCAL_MAX_REQUEUES} times (submitit's local controller); use {LOCAL_MAX_REQUEUES} or less")
+    check_time(res, time_text)
+    check_gpus_here(res, args.cluster)
     return res
+
+
+def check_time(res: Resources, time_text: str) -> None:
+    """``--time`` must hold the start-up allowance plus the warning delay: a shorter job is warned
+    (or killed) before it could save a checkpoint."""
+    need_s = res.signal_delay_s + START_ALLOWANCE_S
+    if res.time_min * 60 < need_s:
+        raise LaunchError(
+            f"--time={time_text} ({res.time_min * 60} s) is too short: it must hold "
+            f"--signal-delay={res.signal_delay_s} s plus {START_ALLOWANCE_S} s (start-up, one checkpoint, SLURM's "
+            f"early warning); use --time={-(-need_s // 60)} or more, or a smaller --signal-delay")
+
+
+def check_gpus_here(res: Resources, cluster: str) -> None:
+    """``local`` and ``debug`` run the job on this machine: it must have the GPUs asked for (with
+    ``slurm`` they are on the compute nodes, which this machine cannot see)."""
+    if cluster == "slurm" or res.gpus_per_node == 0:
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if res.gpus_per_node > have:
+        here = "no CUDA GPU" if have == 0 else f"{have} CUDA GPU{'s' if have > 1 else ''}"
+        raise LaunchError(f"--gpus-per-node={res.gpus_per_node}: --cluster {cluster} runs the job on this machine, "
+                          f"which has {here}; use --gpus-per-node 0 to run on CPU with gloo"
+                          + (f", or at most {have}" if have else ""))
+
+
+def check_slurm_installed() -> None:
+    """Submitting to SLURM needs its client here (submitit calls sbatch, the script calls srun)."""
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if missing:
+        raise LaunchError(f"--cluster slurm: {' and '.join(missing)} not found on PATH (SLURM is not installed on "
+                          f"this machine); run here with --cluster local, or see the sbatch script with --dry-run")
+
+
+def check_run(cfg: Config) -> None:
+    """What the run needs from this machine before anything is written or queued: a resumable run
+    dir (same training config), a writable run dir, the files the config names (pretrained weights,
+    a checkpoint to resume) and every real dataset packed."""
+    from trainer.config import check_files
+    from trainer.data.prepare import check_datasets
+    from trainer.train import check_resume_config, check_run_dir
+
+    check_resume_config(cfg)
+    check_run_dir(cfg)
+    check_datasets(cfg.data)
+    check_files(cfg)
 
 
 def compose_job(overrides: list[str]) -> tuple[Config, list[str]]:
@@ -494,40 +622,34 @@ def compose_job(overrides: list[str]) -> tuple[Config, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The launcher; a user's mistake is one line on stderr and exit 2 (:func:`shards.errors.run_cli`)."""
+    return run_cli(PROG, lambda: _launch(argv))
+
+
+def _launch(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        res = resources_from_args(args)
-        cfg, job_overrides = compose_job(args.overrides)
-        container = container_setup(res, os.getcwd(), cfg.run_dir)
-        from trainer.train import check_resume_config
-
-        check_resume_config(cfg)  # before anything is written or queued
-    except (LaunchError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # every check, for a dry run too, before anything is written or queued
+    res = resources_from_args(args)
+    cfg, job_overrides = compose_job(args.overrides)
+    container = container_setup(res, os.getcwd(), cfg.run_dir)
+    check_run(cfg)
     run_dir = Path(cfg.run_dir)
     folder = Path(args.folder).resolve() if args.folder else run_dir / "submitit" / "%j"
     job_name = f"reid-{cfg.name}"
     if args.dry_run:
         _print_dry_run(args.cluster, res, cfg, job_overrides, folder, job_name, container)
         return 0
+    if args.cluster == "slurm":
+        check_slurm_installed()
 
     from trainer.data.prepare import ensure_datasets
     from trainer.train import write_run_config
 
     ensure_datasets(cfg.data)  # once, here: N nodes must not race to synthesize the same shards
     write_run_config(cfg)
-    # the job imports `launch` and `trainer` from this checkout (sbatch and the local executor
-    # pass the submitting environment on)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(_REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(
-        os.pathsep) if p and p != str(_REPO)])
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=res.max_requeues,
-                                     **({"slurm_python": container["python"]} if "python" in container else {}))
-    params = executor_parameters(res, args.cluster, job_name)
-    if "srun_args" in container:
-        params["slurm_srun_args"] = container["srun_args"]
-    executor.update_parameters(**params)
+    os.environ.update(job_environment(res, args.cluster, dict(os.environ)))
+    executor = make_executor(args.cluster, folder, res, job_name, container)
     reset_requeues(run_dir, res.max_requeues)
     job = executor.submit(TrainJob(job_overrides, str(run_dir), os.getcwd(), res.max_requeues))
     atomic_write_bytes(run_dir / LAUNCH_FILE, (json.dumps({
@@ -542,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = job.results()
         except Exception as exc:  # the job's own traceback is in its log
-            print(f"error: job {job.job_id} failed: {str(exc).strip().splitlines()[-1][:300]} "
+            print(f"{PROG}: error: job {job.job_id} failed: {str(exc).strip().splitlines()[-1][:300]} "
                   f"(log: {job.paths.stderr})", file=sys.stderr)
             return 1
         print(f"job {job.job_id}: {results[0]['status']} at step {results[0]['step']}")
@@ -555,11 +677,15 @@ def _print_dry_run(cluster: str, res: Resources, cfg: Config, overrides: list[st
           f"max requeues {res.max_requeues})")
     print(f"# run dir: {cfg.run_dir}")
     print(f"# overrides: {' '.join(shlex.quote(o) for o in overrides)}")
+    env = job_environment(res, cluster, dict(os.environ))
+    print(f"# environment: {' '.join(f'{k}={shlex.quote(v)}' for k, v in sorted(env.items()))}")
     if cluster == "slurm":
         print(render_sbatch(slurm_parameters(res, job_name), folder))
         srun = " ".join(shlex.quote(a) for a in ["srun", "--unbuffered", *container.get("srun_args", [])])
         python = container.get("python", shlex.quote(sys.executable))
         print(f"{srun} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}")
+    elif cluster == "debug":
+        print("# one rank in this process (submitit's DebugExecutor)")
     else:
         print(json.dumps(executor_parameters(res, cluster, job_name), sort_keys=True))
 

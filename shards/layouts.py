@@ -12,7 +12,9 @@ What is skipped, and only this:
 
 Everything else that does not fit (a missing folder, an image name that does not parse, a pid or
 camera out of range, a bad MSMT17 list line, a listed file that is not there, an empty split) is a
-``ValueError`` with one line naming the path and the expected pattern.
+:class:`LayoutError` (a :class:`~shards.errors.UserError`) with one line naming the path, the
+expected pattern and what to do. Misuse of the API (an unknown layout name, an option a parser does
+not take) stays a plain ``ValueError``: it is a bug of the caller, not of the data.
 
 Pid 0 (Market-1501 and synthetic) marks distractors: kept in the gallery, an error in train and
 query (there are none in the real sets, so one there means the folders are mixed up).
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from shards.errors import UserError
 from shards.records import IMAGE_EXTS, SPLITS, Record
 
 Splits = dict[str, list[Record]]
@@ -77,6 +80,10 @@ MSMT17_MARKET = MarketStyleRule("msmt17", "0000_c1_0303morning_0015_0.jpg", 9999
 SYNTHETIC = MarketStyleRule("synthetic", "0007_c12s1_000003_00.jpg", 999_999, 99, junk_pid=-1, distractor_pid=0)
 
 
+class LayoutError(UserError):
+    """The dataset folder does not look like its layout: a missing folder, a name that does not parse, …"""
+
+
 def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
@@ -86,14 +93,16 @@ def _require_dir(folder: Path, what: str) -> None:
     if folder.is_dir():
         return
     root = folder.parent
-    hint = ""
+    fix = f"pass the {what} as the root"
     if root.is_dir():
         below = sorted(p for p in root.iterdir() if (p / folder.name).is_dir())
         if below:
-            hint = f"; found it under {below[0]}: pass that as the root"
+            fix = f"found it under {below[0]}: pass that as the root"
     elif not root.exists():
-        hint = f"; the root {root} does not exist"
-    raise ValueError(f"{folder}: missing folder (expected {what}{hint})")
+        fix = f"the root {root} does not exist; {fix}"
+    else:
+        fix = f"the root {root} is not a folder; {fix}"
+    raise LayoutError(f"{folder}: missing folder; {fix}")
 
 
 def _image_names(folder: Path) -> list[str]:
@@ -103,7 +112,9 @@ def _image_names(folder: Path) -> list[str]:
             if not _is_image_name(entry.name):
                 continue
             if not entry.is_file():
-                raise ValueError(f"{folder / entry.name}: an image name that is not a regular file")
+                raise LayoutError(
+                    f"{folder / entry.name}: an image name that is not a regular file; rename or remove it"
+                )
             names.append(entry.name)
     return sorted(names)
 
@@ -113,7 +124,7 @@ def parse_market_style(root: str | os.PathLike[str], rule: MarketStyleRule, subd
     ``rule``; relpaths are relative to ``root`` (so they start with ``subdir/`` when one is given)."""
     root = Path(root)
     prefix = f"{subdir}/" if subdir else ""
-    what = f"{rule.dataset} root holding bounding_box_train/, bounding_box_test/ and query/"
+    what = f"{rule.dataset} folder holding bounding_box_train/, bounding_box_test/ and query/"
     pattern = f"'<pid>_c<camera>…' with pid 0..{rule.max_pid}, camera 1..{rule.num_cams} (e.g. {rule.example})"
     out: Splits = {}
     for split in SPLITS:
@@ -125,22 +136,27 @@ def parse_market_style(root: str | os.PathLike[str], rule: MarketStyleRule, subd
             path = folder / name
             m = _MARKET_NAME.match(name)
             if m is None:
-                raise ValueError(f"{path}: file name does not match {rule.dataset}'s pattern {pattern}")
+                raise LayoutError(
+                    f"{path}: file name does not match {rule.dataset}'s pattern {pattern}; rename or remove it"
+                )
             pid, cam = int(m.group(1)), int(m.group(2))
             if rule.junk_pid is not None and pid == rule.junk_pid:
                 continue
             if not 0 <= pid <= rule.max_pid:
-                raise ValueError(f"{path}: pid {pid} out of range; expected {pattern}")
+                raise LayoutError(f"{path}: pid {pid} out of range; expected {pattern}; rename or remove it")
             if not 1 <= cam <= rule.num_cams:
-                raise ValueError(f"{path}: camera {cam} out of range; expected {pattern}")
+                raise LayoutError(f"{path}: camera {cam} out of range; expected {pattern}; rename or remove it")
             if pid == rule.distractor_pid and split != "gallery":
-                raise ValueError(
+                raise LayoutError(
                     f"{path}: pid {pid} marks a distractor, allowed in bounding_box_test/ only "
-                    f"(are the {rule.dataset} folders mixed up?)"
+                    f"(are the {rule.dataset} folders mixed up?); move it there or remove it"
                 )
             records.append(Record(f"{sub}/{name}", pid, cam - 1, split))
         if not records:
-            raise ValueError(f"{folder}: no images (expected {rule.dataset} files like {rule.example})")
+            raise LayoutError(
+                f"{folder}: no images (expected {rule.dataset} files like {rule.example}); "
+                "check that the root is the complete dataset folder"
+            )
         out[split] = sorted(records)
     return out
 
@@ -168,7 +184,7 @@ def parse_dukemtmc(root: str | os.PathLike[str], **options: object) -> Splits:
 
 def _cuhk03np(root: str | os.PathLike[str], which: str, options: dict[str, object]) -> Splits:
     _no_options(f"cuhk03np_{which}", options)
-    _require_dir(Path(root) / which, "a cuhk03-np root holding detected/ and labeled/")
+    _require_dir(Path(root) / which, "cuhk03-np folder holding detected/ and labeled/")
     return parse_market_style(root, replace(CUHK03NP, dataset=f"cuhk03np_{which}"), subdir=which)
 
 
@@ -204,17 +220,19 @@ def detect_msmt17_variant(root: str | os.PathLike[str]) -> str:
     if (root / "list_train.txt").is_file():
         for variant, (train_dir, test_dir) in _MSMT_VARIANTS.items():
             if (root / train_dir).is_dir():
-                _require_dir(root / test_dir, f"MSMT17 {variant.upper()} root holding {train_dir}/ and {test_dir}/")
+                _require_dir(root / test_dir, f"MSMT17_{variant.upper()} folder holding {train_dir}/ and {test_dir}/")
                 return variant
-        raise ValueError(
-            f"{root}: has list_train.txt but neither train/ (MSMT17_V1) nor mask_train_v2/ (MSMT17_V2)"
+        raise LayoutError(
+            f"{root}: has list_train.txt but neither train/ (MSMT17_V1) nor mask_train_v2/ (MSMT17_V2); "
+            "check that the root is the complete dataset folder"
         )
     if (root / MARKET_FOLDERS["train"]).is_dir():
         return "market"
     hint = "" if root.is_dir() else " (it does not exist)"
-    raise ValueError(
+    raise LayoutError(
         f"{root}: not an MSMT17 root{hint}; expected list_train.txt with train/+test/ (V1) or "
-        "mask_train_v2/+mask_test_v2/ (V2), or bounding_box_train/, bounding_box_test/, query/"
+        "mask_train_v2/+mask_test_v2/ (V2), or bounding_box_train/, bounding_box_test/, query/; "
+        "pass the dataset folder as distributed (MSMT17_V1/, MSMT17_V2/) as the root"
     )
 
 
@@ -223,7 +241,10 @@ def _parse_msmt_list(
 ) -> list[Record]:
     """One ``list_*.txt``: lines ``<relpath under image_dir> <pid>``; camera = 3rd ``_`` field of the name."""
     if not list_path.is_file():
-        raise ValueError(f"{list_path}: missing list file (expected lines like '{_MSMT_EXAMPLE}')")
+        raise LayoutError(
+            f"{list_path}: missing list file (expected lines like '{_MSMT_EXAMPLE}'); "
+            "check that the root is the complete dataset folder"
+        )
     records = []
     for lineno, line in enumerate(list_path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -232,7 +253,7 @@ def _parse_msmt_list(
         expected = f"expected '<relpath> <pid>' like '{_MSMT_EXAMPLE}' with camera 01..{MSMT17_CAMS:02d}"
         fields = line.split()
         if len(fields) != 2 or not re.fullmatch(r"\d+", fields[1]):
-            raise ValueError(f"{where}: bad line {line.strip()!r}; {expected}")
+            raise LayoutError(f"{where}: bad line {line.strip()!r}; {expected}; fix or remove the line")
         rel, pid = fields[0], int(fields[1])
         parts = rel.split("/")
         stem, ext = os.path.splitext(parts[-1])
@@ -244,15 +265,15 @@ def _parse_msmt_list(
             or len(name_fields) < 3
             or not name_fields[2].isdigit()
         ):
-            raise ValueError(f"{where}: bad image path {rel!r}; {expected}")
+            raise LayoutError(f"{where}: bad image path {rel!r}; {expected}; fix or remove the line")
         cam = int(name_fields[2])
         if not 1 <= cam <= MSMT17_CAMS:
-            raise ValueError(f"{where}: camera {cam} of {rel!r} out of range; {expected}")
+            raise LayoutError(f"{where}: camera {cam} of {rel!r} out of range; {expected}; fix or remove the line")
         relpath = f"{image_dir}/{rel}"
         if not (root / relpath).is_file():
-            raise ValueError(f"{where}: listed image {root / relpath} does not exist")
+            raise LayoutError(f"{where}: listed image {root / relpath} does not exist; restore it or remove the line")
         if relpath in seen:
-            raise ValueError(f"{where}: {relpath} is listed twice (first at {seen[relpath]})")
+            raise LayoutError(f"{where}: {relpath} is listed twice (first at {seen[relpath]}); remove one of the lines")
         seen[relpath] = where
         records.append(Record(relpath, pid, cam - 1, split))
     return records
@@ -271,9 +292,10 @@ def parse_msmt17(root: str | os.PathLike[str], *, train_only: bool = False, **op
     variant = detect_msmt17_variant(root)
     if variant == "market":
         if train_only:
-            raise ValueError(
+            raise LayoutError(
                 f"{root}: train_only needs the list layout (MSMT17_V1/V2); the Market-style "
-                "conversion does not say which training images came from list_val.txt"
+                "conversion does not say which training images came from list_val.txt; "
+                "drop --msmt17-train-only or pack MSMT17_V1/V2"
             )
         return parse_market_style(root, MSMT17_MARKET)
     train_dir, test_dir = _MSMT_VARIANTS[variant]
@@ -287,7 +309,7 @@ def parse_msmt17(root: str | os.PathLike[str], *, train_only: bool = False, **op
         out[split] += _parse_msmt_list(root / list_name, image_dir, root, split, seen[split])
     for split, records in out.items():
         if not records:
-            raise ValueError(f"{root}: the {split} list files name no images")
+            raise LayoutError(f"{root}: the {split} list files name no images; check the list_*.txt files")
         records.sort()
     return out
 

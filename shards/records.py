@@ -75,6 +75,15 @@ class SplitInfo:
     """1 + the largest 0-based camera id: offsetting the next source's cameras by it never collides."""
 
 
+@dataclass(frozen=True)
+class SkippedFile:
+    """An image ``pack --skip-bad`` left out because it does not decode."""
+
+    relpath: str
+    split: str
+    reason: str
+
+
 @dataclass
 class Manifest:
     """``manifest.json``: what a packed dataset holds and how to check it."""
@@ -86,6 +95,9 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     options: dict[str, object] = field(default_factory=dict)
     """Parser switches used when packing (e.g. ``msmt17_train_only``), for provenance."""
+    skipped: list[SkippedFile] = field(default_factory=list)
+    """Images of the layout left out at pack time (``--skip-bad``), in split then ``relpath`` order;
+    the split indices run over the packed images only."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -103,6 +115,7 @@ class Manifest:
                 shards=[ShardInfo(**s) for s in raw["shards"]],
                 schema_version=version,
                 options=raw.get("options", {}),
+                skipped=[SkippedFile(**s) for s in raw.get("skipped", [])],  # absent before --skip-bad
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source}: not a valid shard manifest ({exc})") from exc

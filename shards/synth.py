@@ -39,11 +39,12 @@ Only numpy and Pillow are used (no torch): this module runs where the packer run
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import math
 import os
-import sys
+import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -53,6 +54,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shards.errors import CliParser, UserError, run_cli
 from shards.records import Record, atomic_write_bytes
 
 LAYOUTS = ("market1501", "dukemtmc", "msmt17", "cuhk03np")
@@ -1117,8 +1119,43 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size {text!r}: expected HxW, e.g. 128x64") from None
 
 
+_FIELD = re.compile(r"\b(" + "|".join(f.name for f in fields(SynthConfig)) + r")(?=[=*]| >=)")
+"""A config field named in a :meth:`SynthConfig.resolved` message (``ids=0: …``)."""
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+"""Write failures under ``--out`` that the user fixes (space, quota, permissions, a file in the way)."""
+
+
+def _as_flags(message: str) -> str:
+    """A config message in the CLI's terms: ``images_per_id_cam=0`` → ``--images-per-id-cam=0``."""
+    return _FIELD.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _run(cfg: SynthConfig) -> int:
+    try:
+        cfg.resolved()  # every argument checked before anything is written
+    except ValueError as exc:
+        raise UserError(_as_flags(str(exc))) from None
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; choose an empty or new folder")
+    try:
+        s = synthesize(cfg)
+    except FileExistsError as exc:
+        if exc.filename is not None:  # a file in the way of a folder to create
+            raise UserError(f"{exc.filename}: exists and is not a folder; choose an empty or new --out") from None
+        raise UserError(str(exc)) from None  # synthesize's own refusal: names the folder and the fix
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        raise UserError(f"{exc.filename or out}: {exc.strerror}; choose a writable --out with room") from None
+    rate = s.images_written / max(s.seconds, 1e-9)
+    print(f"{s.layout}: wrote {s.images_written} images to {s.out} in {s.seconds:.1f} s ({rate:.0f} img/s); "
+          f"counts {s.counts}; domain {s.domain}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shards.synth", description=__doc__.split("\n\n")[0])
+    p = CliParser("synth", prog="python -m shards.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--out", required=True)
     p.add_argument("--ids", type=int, default=50, help="training identities")
@@ -1138,15 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       images_per_id_cam=a.images_per_id_cam, size=a.size, test_ids=a.test_ids,
                       min_cams_per_id=a.min_cams_per_id, distractors=a.distractors, junk=a.junk,
                       val_fraction=a.val_fraction, workers=a.workers)
-    try:
-        s = synthesize(cfg)
-    except (ValueError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    rate = s.images_written / max(s.seconds, 1e-9)
-    print(f"{s.layout}: wrote {s.images_written} images to {s.out} in {s.seconds:.1f} s ({rate:.0f} img/s); "
-          f"counts {s.counts}; domain {s.domain}")
-    return 0
+    return run_cli("synth", lambda: _run(cfg))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ per-split counts, #pids and #cams must match the manifest. With ``decode`` every
 with Pillow, which catches corrupt image bytes that a correct hash cannot (the CLI decodes by
 default; the function does not, so the loader's check at start-up stays I/O bound).
 
-Every failure is a :class:`VerifyError`: one line naming the shard and, where it applies, the key.
+Every failure is a :class:`VerifyError`: one line naming the shard and, where it applies, the key,
+ending with what to do (pack again). The files ``pack --skip-bad`` left out are listed in the
+output: they are not in the pack, which is not an error.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from shards.errors import CliParser, UserError, run_cli
 from shards.pack import file_sha256, summary
-from shards.records import SPLITS, Manifest, SampleMeta, ShardInfo, read_manifest, sample_key
+from shards.records import MANIFEST, SPLITS, Manifest, SampleMeta, ShardInfo, read_manifest, sample_key
 
 IMAGE_MEMBERS = {"jpg": "JPEG", "png": "PNG"}
 """Image member extension → the format Pillow must report for it."""
 _META_FIELDS = {f.name for f in fields(SampleMeta)}
 _BLOCK = 512
+REPACK = "pack the dataset again (python -m shards.pack … --overwrite) or copy the pack again"
+"""The fix of every mismatch between a pack and its manifest."""
 
 
-class VerifyError(ValueError):
+class VerifyError(UserError):
     """A pack does not match its manifest (or its images do not decode)."""
 
 
@@ -177,10 +182,26 @@ def check_shard(path: Path, shard: ShardInfo, num_cams: int, decode: bool, stats
 
 
 def verify(folder: str | os.PathLike[str], decode: bool = False) -> Manifest:
-    """Check the pack in ``folder`` (see the module docstring); returns its manifest."""
+    """Check the pack in ``folder`` (see the module docstring); returns its manifest.
+
+    A missing manifest is ``FileNotFoundError`` (as for every reader of packs); a malformed one and
+    every mismatch are :class:`VerifyError`."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    where = str(folder / "manifest.json")
+    try:
+        manifest = read_manifest(folder)  # FileNotFoundError passes through
+    except ValueError as exc:
+        raise VerifyError(f"{exc}; {REPACK}") from None
+    try:
+        _verify_pack(folder, manifest, decode)
+    except VerifyError as exc:
+        raise VerifyError(f"{exc}; {REPACK}") from None
+    except PermissionError as exc:
+        raise VerifyError(f"{exc.filename}: cannot read it ({exc.strerror}); fix its permissions") from None
+    return manifest
+
+
+def _verify_pack(folder: Path, manifest: Manifest, decode: bool) -> None:
+    where = str(folder / MANIFEST)
     check_manifest(manifest, where)
     stats = {split: _SplitStats() for split in manifest.splits}
     for shard in manifest.shards:
@@ -202,26 +223,28 @@ def verify(folder: str | os.PathLike[str], decode: bool = False) -> Manifest:
                 f"{where}: split {split} holds {got[0]} samples, {got[1]} pids, {got[2]} cams; "
                 f"the manifest says {info.count}, {info.num_pids}, {info.num_cams}"
             )
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shards.verify", description=__doc__.split("\n\n")[0])
+    ap = CliParser("verify", prog="python -m shards.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", help="folder holding manifest.json and the shards")
     ap.add_argument(
         "--decode", action=argparse.BooleanOptionalAction, default=True,
         help="decode every image with Pillow (default: on; --no-decode checks structure and hashes only)",
     )
     args = ap.parse_args(argv)
+    return run_cli("verify", lambda: _report(Path(args.folder), args.decode))
+
+
+def _report(folder: Path, decode: bool) -> int:
     start = time.perf_counter()
-    try:
-        manifest = verify(args.folder, decode=args.decode)
-    except (ValueError, OSError) as exc:
-        print(f"verify: error: {exc}", file=sys.stderr)
-        return 1
+    if not (folder / MANIFEST).is_file():  # checked here: verify() keeps the readers' FileNotFoundError
+        what = "does not exist" if not folder.exists() else f"holds no {MANIFEST}"
+        raise VerifyError(f"{folder}: {what}; pass the --out folder of python -m shards.pack")
+    manifest = verify(folder, decode=decode)
     n = sum(info.count for info in manifest.splits.values())
-    print(summary(manifest, args.folder))
-    what = "sha256, structure and image decoding" if args.decode else "sha256 and structure (images not decoded)"
+    print(summary(manifest, folder))
+    what = "sha256, structure and image decoding" if decode else "sha256 and structure (images not decoded)"
     print(f"ok: {n} samples, {what} checked in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -50,6 +50,32 @@ def test_update_matches_naive_loop_with_duplicates_and_first_writes():
     assert not bank.filled.all()  # some rows were never written and stay excluded
 
 
+def test_write_order_is_the_order_of_first_writes():
+    """Each row's rank in the order of first writes (the official bank's row order), kept by checkpoints."""
+    g = torch.Generator().manual_seed(3)
+    bank = PartMemoryBank(11, 2, 5, momentum=0.1, device="cpu")
+    seen: list[int] = []
+    for _ in range(4):
+        idx = torch.randint(0, 9, (6,), generator=g)  # duplicates within a batch; rows 9, 10 never written
+        bank.update(idx, torch.randn(6, 2, 5, generator=g))
+        for r in idx.tolist():
+            if r not in seen:
+                seen.append(r)
+    want = torch.full((11,), -1)
+    want[torch.tensor(seen)] = torch.arange(len(seen))
+    assert torch.equal(bank.write_order, want)
+    bank.update(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, 5))  # an empty-handed rank's call
+    assert torch.equal(bank.write_order, want)
+    copy = PartMemoryBank(11, 2, 5, momentum=0.1, device="cpu")
+    copy.load_full_state_dict(bank.full_state_dict())
+    assert torch.equal(copy.write_order, want)
+    old = {k: v for k, v in bank.full_state_dict().items() if k != "write_order"}  # saved before the order was kept
+    copy.load_full_state_dict(old)
+    assert torch.equal(copy.write_order, torch.where(bank.filled, torch.cumsum(bank.filled.long(), 0) - 1, -1))
+    bank.reset()
+    assert (bank.write_order == -1).all()
+
+
 def test_momentum_one_replaces_and_bad_input_is_rejected():
     bank = PartMemoryBank(4, 1, 2, momentum=1.0, device="cpu")
     bank.update(torch.tensor([1, 1]), torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]]))

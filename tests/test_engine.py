@@ -166,3 +166,86 @@ def test_train_records_carry_progress_and_eta(tmp_path: Path) -> None:
     train = [r for r in records if r["kind"] == "train"]
     assert [r["progress"] for r in train] == [round((i + 1) / (2 * STEPS), 4) for i in range(2 * STEPS)]
     assert all(r["eta_s"] >= 0 for r in train) and train[-1]["eta_s"] == 0
+
+
+# -- checkpoint format and user errors agreed by every rank ----------------------------------------
+
+
+def test_checkpoint_records_its_format_and_an_incompatible_one_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from shards.errors import UserError
+    from trainer.engine.checkpoint import FORMAT_VERSION, META, CheckpointError, check_checkpoint
+    from trainer.engine.loop import STATE_KEYS
+
+    ckpt = save_checkpoint(tmp_path, 4, {k: torch.zeros(1) for k in STATE_KEYS})
+    meta = json.loads((ckpt / META).read_text())
+    assert meta == {"format_version": FORMAT_VERSION, "step": 4, "world_size": 1, "keys": sorted(STATE_KEYS)}
+    assert check_checkpoint(ckpt, STATE_KEYS) == meta
+    assert issubclass(CheckpointError, UserError)
+
+    def refused(match: str) -> None:
+        with pytest.raises(CheckpointError) as err:
+            check_checkpoint(ckpt, STATE_KEYS)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(str(ckpt)) and match in msg
+        assert msg.endswith("pass train.resume=never to start over, or another run_dir")
+
+    (ckpt / META).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
+    refused(f"a checkpoint of format {FORMAT_VERSION + 1}")
+    (ckpt / META).write_text(json.dumps({**meta, "keys": ["model", "epoch"]}))
+    refused("state.pt lacks optimizer, strategy, method, step_in_epoch, global_step")
+    (ckpt / META).write_text(json.dumps({**meta, "world_size": 2}))  # saved by 2 ranks: rank 1's RNG is gone
+    refused("incomplete checkpoint, missing rng_rank1.pt")
+    (ckpt / META).write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"meta.json: unreadable checkpoint metadata"):
+        check_checkpoint(ckpt, STATE_KEYS)
+    (ckpt / META).unlink()  # what checkpoints written before formats were versioned look like
+    refused("a checkpoint of format 1 (no meta.json")
+
+
+def test_engine_refuses_an_incompatible_checkpoint_before_loading_it(tmp_path: Path) -> None:
+    from trainer.engine.checkpoint import META, CheckpointError
+
+    _fit(tmp_path, max_steps=2)
+    (list_checkpoints(tmp_path / "checkpoints")[-1] / META).unlink()
+    with pytest.raises(CheckpointError, match="step_000000002: a checkpoint of format 1"):
+        _fit(tmp_path, resume="auto")
+    _fit(tmp_path, resume="never")  # the fix the message names works
+
+
+def _agreement_body(rank: int, world_size: int, run_dir: str, busy_port: int) -> dict[str, str]:
+    from shards.errors import UserError
+    from trainer.config import compose
+    from trainer.engine.loop import agreed
+    from trainer.train import run
+
+    out: dict[str, str] = {}
+
+    def only_rank_1() -> None:
+        if rank == 1:
+            raise UserError("rank 1 alone saw this")
+
+    try:
+        agreed(only_rank_1)
+    except UserError as exc:
+        out["agreed"] = str(exc)
+    try:  # rank 0 alone binds the exporter: rank 1 must not go on into the run
+        run(compose(["exp=pat_smoke", f"run_dir={run_dir}", f"train.metrics_port={busy_port}"]))
+    except UserError as exc:
+        out["run"] = str(exc)
+    return out
+
+
+def test_a_user_error_seen_by_one_rank_stops_every_rank_with_the_same_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        out = run_distributed(_agreement_body, 2, str(tmp_path / "run"), port)
+    assert out[0] == out[1]
+    assert out[0]["agreed"] == "rank 1 alone saw this"
+    assert out[0]["run"].startswith(f"train.metrics_port={port}: cannot serve metrics")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

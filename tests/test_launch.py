@@ -3,6 +3,7 @@ the submitit → torch.distributed environment mapping, the preemption trap and 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 import submitit
 
 from launch import slurm as launcher
+from shards.errors import UserError
 from trainer import dist
 from trainer.engine.loop import StopFlag
 
@@ -26,7 +28,21 @@ def no_submission(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("an executor was created: something would have been submitted")
 
-    monkeypatch.setattr(launcher.submitit, "AutoExecutor", refuse)
+    monkeypatch.setattr(launcher, "make_executor", refuse)
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The launcher's stderr, asserted to be one ``launch/slurm.py: error: …`` line."""
+    err = capsys.readouterr().err
+    assert err.startswith("launch/slurm.py: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _main(args: list[str]) -> int:
+    try:
+        return launcher.main(args)
+    except SystemExit as exc:  # argparse's own checks (choices) exit from the parser
+        return int(exc.code)
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -41,12 +57,11 @@ def test_bad_config_fails_before_submission(override: str, expected: str, tmp_pa
     args = ["exp=pat_smoke", override, f"run_dir={run_dir}"] if override.startswith("train") else \
         [override, f"run_dir={run_dir}"]
     assert launcher.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert expected in _error_line(capsys)
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("flags, expected", [
+BAD_FLAGS = [
     (["--nodes", "0"], "--nodes=0"),
     (["--time", "soon"], "--time='soon'"),
     (["--mem", "lots"], "--mem='lots'"),
@@ -54,17 +69,115 @@ def test_bad_config_fails_before_submission(override: str, expected: str, tmp_pa
     (["--cluster", "local", "--nodes", "2"], "--cluster local"),
     (["--cluster", "nowhere"], "invalid choice"),
     (["--time", "5", "--signal-delay", "300"], "--signal-delay=300"),
-])
+    (["--time", "3", "--signal-delay", "61"], "use --time=4"),
+    (["--cluster", "local", "--mem", "4G"], "--mem=4G: --cluster local cannot honour it"),
+    (["--cluster", "local", "--partition", "gpu", "--qos", "high"], "--partition=gpu --qos=high"),
+    (["--cluster", "local", "--apptainer", "x.sif"], "--apptainer=x.sif"),
+    (["--cluster", "local", "--max-requeues", "6"], "--max-requeues=6"),
+    (["--cluster", "debug", "--time", "20"], "--time=20: --cluster debug cannot honour it"),
+    (["--cluster", "debug", "--signal-delay", "60", "--cpus-per-task", "2"], "--cpus-per-task=2 --signal-delay=60"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", BAD_FLAGS)
 def test_bad_launcher_arguments(flags: list[str], expected: str, tmp_path: Path, no_submission: None,
                                 capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        code = launcher.main([*flags, "exp=pat_smoke", f"run_dir={tmp_path / 'run'}"])
-    except SystemExit as exc:  # argparse's own checks (choices) exit from the parser
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert _main([*flags, "exp=pat_smoke", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert expected in _error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, overrides", [
+    (["--cluster", "local", "--constraint", "a100"], []),
+    (["--time", "2"], []),
+    (["--cluster", "local", "--gpus-per-node", "1"], []),
+    ([], ["exp=pat_market", "data.root={tmp}/shards"]),
+    ([], ["run_dir={tmp}/file/run"]),
+])
+def test_dry_run_refuses_what_submission_refuses(flags: list[str], overrides: list[str], tmp_path: Path,
+                                                 no_submission: None, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A dry run makes every check a submission makes, so it can be trusted to say the job would go."""
+    monkeypatch.setattr(launcher.torch.cuda, "is_available", lambda: False)
+    (tmp_path / "file").write_text("not a folder\n")
+    args = [*flags, "exp=pat_smoke", f"run_dir={tmp_path / 'run'}", *(o.replace("{tmp}", str(tmp_path))
+                                                                       for o in overrides)]
+    assert _main(args) == 2
+    submitted = _error_line(capsys)
+    assert _main(["--dry-run", *args]) == 2
+    assert _error_line(capsys) == submitted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_check_datasets_names_the_pack_and_writes_nothing(tmp_path: Path) -> None:
+    from trainer.config import compose
+    from trainer.data.prepare import DatasetNotPackedError, check_datasets
+
+    real = compose(["exp=pat_market", f"data.root={tmp_path}/shards", f"data.cache_dir={tmp_path}/cache"])
+    with pytest.raises(DatasetNotPackedError) as info:
+        check_datasets(real.data)
+    message = str(info.value)
+    for expected in ("'market1501'", f"{tmp_path}/shards/market1501/manifest.json missing",
+                     f"python -m shards.pack --dataset market1501 --root <dataset folder> --out {tmp_path}/shards/"
+                     "market1501", "also missing: dukemtmc, msmt17, cuhk03np_detected"):
+        assert expected in message, message
+    assert isinstance(info.value, UserError)
+    for name in ("market1501", "dukemtmc", "msmt17", "cuhk03np_detected"):  # packed: accepted
+        (tmp_path / "shards" / name).mkdir(parents=True)
+        (tmp_path / "shards" / name / "manifest.json").write_text("{}\n")
+    assert check_datasets(real.data) == []
+    synthetic = compose(["exp=pat_smoke", f"data.cache_dir={tmp_path}/cache"])
+    assert check_datasets(synthetic.data)  # made later by ensure_datasets, not refused …
+    assert not (tmp_path / "cache").exists()  # … and not made here
+
+
+def test_no_slurm_client_is_refused_but_dry_run_needs_none(tmp_path: Path, no_submission: None,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    args = ["exp=pat_smoke", f"run_dir={tmp_path / 'run'}"]
+    assert launcher.main(args) == 2
+    line = _error_line(capsys)
+    assert "sbatch and srun not found" in line and "--cluster local" in line and "--dry-run" in line
+    assert launcher.main(["--dry-run", *args]) == 0
+    assert "#SBATCH --nodes=1" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+def _args(*flags: str) -> argparse.Namespace:
+    return launcher.build_parser().parse_intermixed_args([*flags, "exp=pat_smoke"])
+
+
+def test_gpus_are_checked_where_the_job_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher.torch.cuda, "is_available", lambda: False)
+    for cluster in ("local", "debug"):
+        with pytest.raises(launcher.LaunchError, match="no CUDA GPU; use --gpus-per-node 0 to run on CPU with gloo"):
+            launcher.resources_from_args(_args("--cluster", cluster, "--gpus-per-node", "1"))
+    # slurm: the GPUs are on the compute nodes
+    assert launcher.resources_from_args(_args("--gpus-per-node", "8")).gpus_per_node == 8
+    monkeypatch.setattr(launcher.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launcher.torch.cuda, "device_count", lambda: 2)
+    assert launcher.resources_from_args(_args("--cluster", "local", "--gpus-per-node", "2")).tasks_per_node == 2
+    with pytest.raises(launcher.LaunchError, match="which has 2 CUDA GPUs.*or at most 2"):
+        launcher.resources_from_args(_args("--cluster", "local", "--gpus-per-node", "4"))
+
+
+def test_time_must_hold_start_up_and_signal_delay() -> None:
+    # 4 min = 240 s = the default 120 s delay + the 120 s allowance: the shortest accepted
+    assert launcher.START_ALLOWANCE_S == 120
+    assert launcher.resources_from_args(_args("--time", "4")).time_min == 4
+    assert launcher.resources_from_args(_args("--time", "4", "--cluster", "local")).time_min == 4
+    with pytest.raises(launcher.LaunchError, match=r"--time=4 \(240 s\) is too short: it must hold "
+                                                   r"--signal-delay=121 s plus 120 s.*use --time=5 or more"):
+        launcher.resources_from_args(_args("--time", "4", "--signal-delay", "121"))
+    with pytest.raises(launcher.LaunchError, match=r"--time=3 \(180 s\)"):
+        launcher.resources_from_args(_args("--time", "3"))
+
+
+def test_defaults_when_not_given() -> None:
+    res = launcher.resources_from_args(_args())
+    assert (res.time_min, res.signal_delay_s, res.max_requeues) == (24 * 60, 120, 3)
+    assert launcher.resources_from_args(_args("--cluster", "debug")) == res  # defaults are not "given" flags
 
 
 def test_parse_time_and_mem() -> None:
@@ -89,12 +202,23 @@ def _sbatch_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("#SBATCH")]
 
 
+def _fake_packs(root: Path, *names: str) -> None:
+    """Manifests where the launcher looks for packed datasets (it checks they exist, not their content)."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "manifest.json").write_text("{}\n")
+
+
 def test_dry_run_multisource_4_nodes(tmp_path: Path, no_submission: None, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "ms"
+    _fake_packs(tmp_path / "shards", "market1501", "dukemtmc", "cuhk03np_detected", "msmt17")
+    weights = tmp_path / "vit.pth"
+    weights.touch()  # the launcher checks that the named weights exist (not their content)
     code = launcher.main(["--dry-run", "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "10",
                           "--mem", "400G", "--time", "48:00:00", "--partition", "gpu", "--account", "reid",
                           "--qos", "high", "--constraint", "a100", "--signal-delay", "180", "--max-requeues", "5",
-                          "exp=multisource", f"run_dir={run_dir}"])
+                          "exp=multisource", f"run_dir={run_dir}", f"data.root={tmp_path / 'shards'}",
+                          f"model.pretrained={weights}"])
     assert code == 0
     out = capsys.readouterr().out
     lines = _sbatch_lines(out)
@@ -123,16 +247,29 @@ def test_dry_run_cpu_defaults(tmp_path: Path, no_submission: None, capsys: pytes
     assert not any("gpus" in line for line in lines)  # no GPU request on CPU
 
 
-def test_executor_parameters_are_accepted_by_submitit(tmp_path: Path) -> None:
-    res = launcher.Resources(nodes=2, tasks_per_node=2, cpus_per_task=3, mem="8G", time_min=30, partition="debug")
-    for cluster in ("local", "debug"):
-        ex = submitit.AutoExecutor(folder=tmp_path / cluster, cluster=cluster)
-        ex.update_parameters(**launcher.executor_parameters(res, cluster, "reid-x"))
+def test_executors_get_what_their_cluster_honours(tmp_path: Path) -> None:
+    res = launcher.Resources(nodes=1, tasks_per_node=2, cpus_per_task=3, time_min=30, signal_delay_s=45,
+                             max_requeues=4)
+    local = launcher.make_executor("local", tmp_path / "local", res, "reid-x", {})
+    assert isinstance(local, submitit.LocalExecutor)
+    assert {k: local.parameters[k] for k in ("timeout_min", "signal_delay_s", "tasks_per_node", "nodes")} == {
+        "timeout_min": 30, "signal_delay_s": 45, "tasks_per_node": 2, "nodes": 1}
+    assert local.max_num_timeout == 4  # submitit's own time-out cap follows --max-requeues
+    assert isinstance(launcher.make_executor("debug", tmp_path / "debug", res, "reid-x", {}), submitit.DebugExecutor)
     # the slurm names must be SlurmExecutor parameters (checked without sbatch on this machine)
     from submitit.slurm.slurm import _get_default_parameters
 
     names = set(launcher.slurm_parameters(res, "reid-x"))
     assert names <= set(_get_default_parameters()), names - set(_get_default_parameters())
+
+
+def test_job_environment() -> None:
+    res = launcher.Resources(cpus_per_task=3)
+    repo = str(REPO)
+    env = launcher.job_environment(res, "local", {"PYTHONPATH": os.pathsep.join(["/x", repo])})
+    assert env == {"PYTHONPATH": os.pathsep.join([repo, "/x"]), "OMP_NUM_THREADS": "3"}  # threads per rank
+    assert launcher.job_environment(res, "slurm", {}) == {"PYTHONPATH": repo}  # SLURM grants the cores itself
+    assert "OMP_NUM_THREADS" not in launcher.job_environment(launcher.Resources(), "local", {})
 
 
 # -- process setup --------------------------------------------------------------------------------
@@ -299,7 +436,7 @@ def test_debug_cluster_runs_in_process(tmp_path: Path, capsys: pytest.CaptureFix
     """``--cluster debug``: the same job in the launcher's process; handlers are restored after it."""
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
     run_dir = tmp_path / "run"
-    assert launcher.main(["--cluster", "debug", "--time", "20", "exp=pat_smoke", "train.epochs=1",
+    assert launcher.main(["--cluster", "debug", "exp=pat_smoke", "train.epochs=1",
                           f"run_dir={run_dir}"]) == 0
     assert re.search(r"job DEBUG_\d+: finished at step 4", capsys.readouterr().out)
     assert (run_dir / "model_final.safetensors").is_file()

@@ -298,3 +298,24 @@ def test_shards_import_no_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+
+
+def test_layout_mistakes_are_user_errors_and_api_misuse_is_not(tmp_path: Path) -> None:
+    from shards.errors import UserError
+    from shards.layouts import LayoutError
+
+    root = make_market(tmp_path / "m")
+    write_images(root, ["query/person_0002.jpg"])
+    with pytest.raises(LayoutError, match="rename or remove it$") as exc:
+        parse("market1501", root)
+    assert isinstance(exc.value, UserError) and str(root / "query" / "person_0002.jpg") in str(exc.value)
+    with pytest.raises(LayoutError, match="nowhere does not exist; pass the market1501 folder holding .* as the root$"):
+        parse("market1501", tmp_path / "nowhere")
+    msmt = make_msmt_lists(tmp_path / "MSMT17_V1")
+    (msmt / "list_query.txt").write_text("0000/0000_000_05_0303afternoon_0002_0.jpg x\n")
+    with pytest.raises(LayoutError, match="fix or remove the line$"):
+        parse("msmt17", msmt)
+    for bad_call in (lambda: parse("market", root), lambda: parse("market1501", root, train_only=True)):
+        with pytest.raises(ValueError) as exc:  # a caller's bug, not the user's data: keeps its traceback
+            bad_call()
+        assert not isinstance(exc.value, UserError)

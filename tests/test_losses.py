@@ -99,6 +99,7 @@ def _bank(n, num_parts, dim, seed, unfilled=()):
     bank.feats.copy_(torch.randn(num_parts, n, dim, generator=g))
     bank.filled[:] = True
     bank.filled[list(unfilled)] = False
+    bank.write_order.copy_(torch.where(bank.filled, torch.cumsum(bank.filled.long(), 0) - 1, -1))  # dataset order
     return bank
 
 
@@ -289,7 +290,7 @@ def test_pat_total_composes_the_terms():
 
     copy.update(idx, parts, targets)
     csl = csl_loss(parts, idx, copy, k=3)
-    nbr = neighbour_labels(copy.labels, csl.neighbour_indices, idx, repo_index_bug=True)
+    nbr = neighbour_labels(copy.labels, csl.neighbour_indices, idx, repo_index_bug=True, write_order=copy.write_order)
     want = psd_loss(logits, targets, nbr) + triplet_loss(cls, targets) + 0.7 * csl.loss
     assert out.total.item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.equal(out.neighbour_indices, csl.neighbour_indices)

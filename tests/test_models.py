@@ -459,6 +459,42 @@ def test_load_pretrained_errors(tmp_path, source_vit):
         load_pretrained(model, path8)
 
 
+def test_weight_errors_are_one_line_user_errors_with_counts_names_and_fix(tmp_path, source_vit):
+    from safetensors.torch import save_file
+
+    from shards.errors import UserError
+    from trainer.models.weights import WeightsError, WeightsNotFound
+
+    model = build_model(tiny_cfg(), 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsNotFound) as err:  # a UserError and still a FileNotFoundError
+        load_pretrained(model, tmp_path / "nope.safetensors")
+    assert isinstance(err.value, UserError) and isinstance(err.value, FileNotFoundError)
+    assert str(err.value).startswith(f"model.pretrained={tmp_path / 'nope.safetensors'}: no such file")
+    # many keys off: counted, a few named, then what to do — all on one line
+    sd = {k: v.clone() for k, v in source_vit.state_dict().items() if not k.startswith("blocks.1.")}
+    sd.update({f"extra.{i}": torch.zeros(1) for i in range(5)})
+    sd["cls_token"] = torch.zeros(1, 1, 32)  # another width: reported, not a crash while deriving part tokens
+    path = tmp_path / "other.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(model, path)
+    msg = str(err.value)
+    n_block = sum(k.startswith("blocks.1.") for k in source_vit.state_dict())
+    assert "\n" not in msg and msg.startswith(f"{path}: weights do not fit the model's VisionTransformer (")
+    assert f"{n_block + 1} missing: reg_token, blocks.1.norm1.weight, blocks.1.norm1.bias, ... and {n_block - 2} more" in msg
+    assert "5 unexpected: extra.0, extra.1, extra.2, ... and 2 more" in msg
+    assert "1 shape mismatch: cls_token (expected (1, 1, 64), found (1, 1, 32))" in msg
+    assert msg.endswith("or model.pretrained='' to train from scratch") and len(msg) < 600
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
+    # damaged or mislabelled files: the reader's complaint, the file and the fix
+    for name, data in (("cut.safetensors", b"\x10\x00\x00"), ("cut.pth", b"PK\x03\x04 truncated"),
+                       ("cut.npz", b"not a zip")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(WeightsError, match=rf"{name}: (cannot read it as|not a plain tensor checkpoint, or a damaged)"):
+            load_pretrained(model, tmp_path / name)
+
+
 def test_config_from_hydra_node_and_mapping():
     from omegaconf import OmegaConf
 

@@ -136,7 +136,8 @@ def test_image_content_must_match_suffix(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="holds PNG data") as exc:
         pack("market1501", root, out)
-    assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
+    msg = str(exc.value)
+    assert str(root) in msg and bad.relative_to(root).as_posix() in msg and "\n" not in msg
     # nothing published, no temp folder left beside out
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["m"]
     bad.write_text("not an image at all")
@@ -209,7 +210,7 @@ def test_pack_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert manifest.splits["train"].count == 2 and manifest.splits["gallery"].count == 2
     rc = packmod.main(["--dataset", "market1501", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1 and "missing folder" in err and "Traceback" not in err
+    assert rc == 2 and err.count("\n") == 1 and "missing folder" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 
@@ -280,7 +281,7 @@ def test_corrupt_jpeg_caught_only_by_decode(market_pack: tuple[Path, Path], caps
     verify(out)  # hashes and structure are fine
     _fails(out, "does not decode", str(out / "gallery-000000.tar"), sample_key("gallery", 1), decode=True)
     assert verifymod.main([str(out), "--no-decode"]) == 0
-    assert verifymod.main([str(out)]) == 1  # the CLI decodes by default
+    assert verifymod.main([str(out)]) == 2  # the CLI decodes by default
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gallery_00000001" in err and "Traceback" not in err
 
@@ -409,7 +410,7 @@ def test_command_lines(tmp_path: Path) -> None:
     assert done.returncode == 0 and "ok: 8 samples" in done.stdout, done.stderr
     (tmp_path / "p" / "train-000000.tar").write_bytes(b"")
     done = run("shards.verify", str(tmp_path / "p"))
-    assert done.returncode == 1 and done.stdout == ""
+    assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("verify: error: ") and done.stderr.count("\n") == 1
     assert "train-000000.tar" in done.stderr
 
@@ -424,3 +425,166 @@ def test_garbled_header_between_samples(market_pack: tuple[Path, Path]) -> None:
     path.write_bytes(bytes(data))
     refresh_manifest(out, path.name)
     _fails(out, "no end-of-archive marker after member gallery_00000000.json", str(path))
+
+
+# ------------------------------------------------------------------------- images checked at pack time
+
+
+def _truncate(path: Path, cut: int = 20) -> None:
+    """Drop the last ``cut`` bytes: the end of the scan and the EOI marker, as a broken copy does."""
+    path.write_bytes(path.read_bytes()[:-cut])
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_check_image(tmp_path: Path) -> None:
+    from tests.fixtures_layouts import tiny_image
+
+    cases = {
+        "ok.jpg": tiny_image(1), "ok.JPEG": tiny_image(2), "ok.png": tiny_image(3, "PNG"),
+        "truncated.jpg": tiny_image(4)[:-20], "header_cut.jpg": tiny_image(5)[:100],
+        "text.jpg": b"not an image", "png_inside.jpg": tiny_image(6, "PNG"),
+        "garbage_after_magic.jpg": b"\xff\xd8\xff" + b"junk" * 20,
+    }
+    png = bytearray(tiny_image(7, "PNG"))
+    png[png.index(b"IEND") - 8] ^= 0x10  # the CRC of the last IDAT chunk: only verify() sees it
+    cases["bad_crc.png"] = bytes(png)
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    got = {name: packmod.check_image(tmp_path / name) for name in cases}
+    assert got["ok.jpg"] == (cases["ok.jpg"], "jpg") and got["ok.JPEG"] == (cases["ok.JPEG"], "jpg")
+    assert got["ok.png"] == (cases["ok.png"], "png")
+    reasons = {name: reason for name, (data, reason) in got.items() if data is None}
+    assert set(reasons) == set(cases) - {"ok.jpg", "ok.JPEG", "ok.png"}
+    assert "image file is truncated" in reasons["truncated.jpg"]
+    assert "holds neither JPEG nor PNG data" in reasons["text.jpg"]
+    assert "holds PNG data" in reasons["png_inside.jpg"]
+    assert reasons["garbage_after_magic.jpg"] == "not a readable JPEG image"  # no object address in it
+    assert "checksum in b'IDAT'" in reasons["bad_crc.png"]
+    for reason in reasons.values():  # they go into manifest.json: one line, no path, same every run
+        assert "\n" not in reason and str(tmp_path) not in reason and "0x" not in reason
+    assert packmod.check_image(tmp_path / "missing.jpg")[1].startswith("cannot read it")
+
+
+def test_bad_image_refused_and_nothing_written(tmp_path: Path) -> None:
+    root = many_market(tmp_path / "m")
+    _truncate(root / "bounding_box_train/0002_c1s1_000451_03.jpg")
+    (root / "query/0007_c5s3_001001_00.jpg").write_text("not an image")
+    out = tmp_path / "packs" / "deeper" / "m"
+    with pytest.raises(packmod.PackError) as exc:
+        pack("market1501", root, out)
+    msg = str(exc.value)
+    first = "bounding_box_train/0002_c1s1_000451_03.jpg (image file is truncated"
+    assert msg.startswith(f"2 images under {root} do not decode: {first}")
+    assert "query/0007_c5s3_001001_00.jpg (file named .jpg holds neither JPEG nor PNG data" in msg
+    assert msg.endswith("; fix or remove them, or pass --skip-bad to pack the rest") and "\n" not in msg
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no out, no temp folder, not even packs/
+    # an existing pack stays as it was, --overwrite or not
+    good = many_market(tmp_path / "good")
+    out.parent.mkdir(parents=True)
+    pack("market1501", good, out)
+    before = _tree(out)
+    for overwrite in (False, True):
+        with pytest.raises(packmod.PackError, match="do not decode" if overwrite else "not empty"):
+            pack("market1501", root, out, overwrite=overwrite)
+        assert _tree(out) == before and sorted(os.listdir(out.parent)) == ["m"]
+
+
+def test_refusal_lists_the_first_and_counts_all(tmp_path: Path) -> None:
+    root = many_market(tmp_path / "m", n=40)
+    bad = sorted(root.glob("bounding_box_train/01*.jpg"))
+    for path in bad:
+        _truncate(path)
+    with pytest.raises(packmod.PackError) as exc:
+        pack("market1501", root, tmp_path / "out", workers=0)
+    msg = str(exc.value)
+    listed = [p for p in bad if p.relative_to(root).as_posix() in msg]
+    assert len(bad) == 40 and msg.startswith(f"40 images under {root}")
+    assert listed == bad[: packmod.MAX_LISTED] and packmod.MAX_LISTED == 20  # the first 20, in relpath order
+    assert f"… ({40 - len(listed)} more)" in msg and msg.endswith("or pass --skip-bad to pack the rest")
+    assert "\n" not in msg and len(msg) <= 4000  # one line, within the error path's limit: the fix survives
+
+
+def test_skip_bad_packs_the_rest_and_lists_the_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = many_market(tmp_path / "m")
+    bad = {"bounding_box_train/0002_c2s1_000551_01.jpg": "train",
+           "bounding_box_test/0002_c4s2_000801_02.jpg": "gallery"}
+    for rel in bad:
+        _truncate(root / rel)
+    out = tmp_path / "out"
+    rc = packmod.main(["--dataset", "market1501", "--root", str(root), "--out", str(out), "--skip-bad",
+                       "--shard-bytes", "4096", "--workers", "0"])
+    assert rc == 0
+    manifest = read_manifest(out)
+    assert [(s.relpath, s.split) for s in manifest.skipped] == sorted(bad.items(), key=lambda kv: SPLITS.index(kv[1]))
+    assert all("image file is truncated" in s.reason for s in manifest.skipped)
+    records = parse("market1501", root)
+    assert manifest.splits["train"].count == len(records["train"]) - 1 == 14
+    assert manifest.splits["gallery"].count == 2 and manifest.splits["query"].count == 2
+    assert verify(out, decode=True) == manifest  # contiguous indices over the packed images
+    packed = [json.loads(data)["relpath"] for s in manifest.shards
+              for name, data in read_members(out / s.name) if name.endswith(".json")]
+    assert packed == [r.relpath for split in SPLITS for r in records[split] if r.relpath not in bad]
+    assert verifymod.main([str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "skipped at pack time: 2 files (see manifest.json)" in report
+    assert all(rel in report for rel in bad)
+
+
+def test_skip_bad_is_deterministic_whatever_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = many_market(tmp_path / "m", n=30)
+    for path in sorted(root.glob("bounding_box_train/01*.jpg"))[::4]:
+        _truncate(path)
+    (root / "query/0002_c3s1_000301_00.jpg").write_bytes(b"\x89PNG\r\n\x1a\n not a jpeg")
+    monkeypatch.setattr(packmod, "PARALLEL_MIN", 1)  # small enough input for the worker pool
+    monkeypatch.setattr(packmod, "_CHUNK", 3)  # many chunks: results must come back in order
+    packs = {}
+    for workers in (0, 2, 3):
+        out = packs[workers] = tmp_path / f"w{workers}"
+        pack("market1501", root, out, shard_bytes=4096, workers=workers, skip_bad=True)
+    assert len(read_manifest(packs[0]).skipped) == 9
+    reference = _tree(packs[0])
+    assert len(reference) > 5
+    for workers in (2, 3):
+        assert _tree(packs[workers]) == reference
+
+
+def test_skip_bad_refuses_to_empty_a_split(tmp_path: Path) -> None:
+    root = make_market(tmp_path / "m")
+    for path in (root / "query").glob("*.jpg"):
+        _truncate(path)
+    with pytest.raises(packmod.PackError, match="none of the query images decodes") as exc:
+        pack("market1501", root, tmp_path / "out", skip_bad=True)
+    assert str(root) in str(exc.value)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_manifest_without_skipped_list_still_reads(market_pack: tuple[Path, Path]) -> None:
+    _, out = market_pack
+    raw = json.loads((out / MANIFEST).read_text())
+    assert raw.pop("skipped") == []
+    (out / MANIFEST).write_text(json.dumps(raw))  # a pack made before --skip-bad existed
+    assert verify(out).skipped == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 4096, 8**11 - 1])
+def test_headers_are_tarfiles(size: int) -> None:
+    for name in ("train_00000000.jpg", "gallery_00012345.json", "x" * 100):
+        info = packmod._tar_info(name, size)
+        assert packmod.ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    with pytest.raises(ValueError, match="longer than a plain ustar header"):
+        packmod.ustar_header("x" * 101, size)
+
+
+def test_shards_are_what_tarfile_writes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    manifest = pack("market1501", many_market(tmp_path / "m"), out, shard_bytes=6000)
+    assert len(manifest.shards) > 3
+    for shard in manifest.shards:
+        ref = tmp_path / "ref.tar"
+        with tarfile.open(ref, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in read_members(out / shard.name):
+                packmod._add_member(tar, name, data)
+        assert (out / shard.name).read_bytes() == ref.read_bytes(), shard.name

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shards.errors import UserError
 from trainer.config import ConfigError, compose
-from trainer.engine.prometheus import PrometheusSink
+from trainer.engine.prometheus import PrometheusSink, check_port
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -48,13 +49,49 @@ def test_records_become_labelled_gauges_with_their_latest_value() -> None:
         sink.close()
 
 
-def test_busy_port_is_a_one_line_error_naming_the_key() -> None:
+def test_busy_port_is_a_one_line_user_error_naming_the_key_and_the_fix() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        with pytest.raises(OSError, match=rf"train.metrics_port={port}: cannot serve metrics on 127.0.0.1:{port}"):
-            PrometheusSink(port)
+        for make in (PrometheusSink, check_port):
+            with pytest.raises(UserError) as err:
+                make(port)
+            msg = str(err.value)
+            assert "\n" not in msg and msg.startswith(f"train.metrics_port={port}: cannot serve metrics on 127.0.0.1:{port}")
+            assert "train.metrics_port=0 for any free port" in msg and "train.metrics_port=-1" in msg
+    check_port(port)  # free again: the check leaves nothing bound behind
+    check_port(port)
+
+
+def test_unknown_address_names_the_address_key() -> None:
+    with pytest.raises(UserError, match=r"train.metrics_addr=no-such-host.invalid: not an address of this host"):
+        check_port(0, "no-such-host.invalid")
+
+
+def _busy_port_body(rank: int, world_size: int, run_dir: str, port: int) -> str:
+    """Rank 0 alone binds the exporter: every rank must raise its error (none waits in a collective)."""
+    from tests.test_engine import ToyMethod, _cfg
+    from trainer.config import EvalConfig
+    from trainer.engine.loop import Engine
+
+    try:
+        Engine(ToyMethod(), _cfg(epochs=1, metrics_port=port), EvalConfig(), run_dir)
+    except UserError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_busy_port_stops_every_rank_with_the_same_line(tmp_path: Path) -> None:
+    from tests.mp import run_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        lines = run_distributed(_busy_port_body, 2, str(tmp_path), port)
+    assert lines[0] == lines[1] and lines[0].startswith(f"train.metrics_port={port}: cannot serve metrics")
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before the run wrote anything
 
 
 def test_bad_port_fails_at_compose() -> None:

@@ -54,4 +54,5 @@ def test_cli_and_launcher_exit_with_the_one_line_error(tmp_path: Path) -> None:
         proc = subprocess.run([*cmd, "exp=tmgf_demo", f"run_dir={tmp_path}", "tmgf.k1=20"], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run_dir={tmp_path} holds checkpoints")
+        line = proc.stderr.strip().splitlines()[-1]  # "<program>: error: …"
+        assert f"error: run_dir={tmp_path} holds checkpoints" in line, proc.stderr

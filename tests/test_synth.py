@@ -375,3 +375,23 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all(NAME_RE["dukemtmc"].match(Path(p).name) for p in _image_files(tmp_path / "d"))
     assert main(["--layout", "dukemtmc", "--out", str(tmp_path / "e"), "--cams", "12"]) == 2
     assert "cams=12" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--ids", "0"], "synth: error: --ids=0: expected >= 1"),
+        (["--images-per-id-cam", "1", "--cams", "1"],
+         "synth: error: --cams=1 needs --images-per-id-cam >= 2 to have a gallery match per query"),
+        (["--size", "16x8"], "synth: error: --size=16x8: expected at least 32x16"),
+        (["--val-fraction", "1.5"], "synth: error: --val-fraction=1.5: expected in [0, 1)"),
+    ],
+)
+def test_cli_errors_name_the_flag_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], line: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["--layout", "market1501", "--out", str(out), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n" and captured.out == ""
+    assert not out.exists()

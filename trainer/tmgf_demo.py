@@ -12,6 +12,10 @@ Prints, for the source model and after TMGF: domain B's mAP/CMC and the clusteri
 set (#clusters against the true number of identities, ARI; the labels are read for this report only),
 then checks the demo's two acceptance bars: #clusters within 20% of the true identities, and target
 mAP at least 15 points above the model TMGF started from.
+
+Exit status: 0 when both bars hold, 3 (:data:`ACCEPTANCE_FAILED`) when the run went through but a bar
+does not hold, 2 for a user's mistake (one line on stderr), the launcher's own status when training
+failed. Only the last epoch is reported: TMGF picks no epoch on the target.
 """
 
 from __future__ import annotations
@@ -21,10 +25,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, compose
+from shards.errors import UserError, run_cli
+from trainer.config import compose
 from trainer.demo import NPROC, launch_local, prepare, run_pat_demo, table
 
 SOURCE_EXP = "pat_demo"
+ACCEPTANCE_FAILED = 3
+"""Exit status of a demo that ran but misses an acceptance bar (2 is a user's mistake, 1 a bug)."""
+MIN_MAP_GAIN = 15.0
+"""Target mAP points TMGF must add to the source model."""
+CLUSTER_RATIO = (0.8, 1.2)
+"""Bounds of #clusters / #true identities of the training set after TMGF."""
+
+
+def acceptance(numbers: dict[str, float]) -> tuple[bool, str]:
+    """Whether the demo's two bars hold (a NaN — no start evaluation, no clustering — fails), and the line
+    that says so."""
+    gain, ratio = numbers["mAP_gain_points"], numbers["clusters_over_true_ids"]
+    gain_ok = gain >= MIN_MAP_GAIN  # False for NaN
+    ratio_ok = CLUSTER_RATIO[0] <= ratio <= CLUSTER_RATIO[1]
+    text = (f"acceptance: mAP gain {gain:+.1f} points (bar: >= {MIN_MAP_GAIN:g}) -> {'OK' if gain_ok else 'FAIL'}; "
+            f"clusters / true ids = {ratio:.2f} (bar: {CLUSTER_RATIO[0]}..{CLUSTER_RATIO[1]}) -> "
+            f"{'OK' if ratio_ok else 'FAIL'}")
+    return gain_ok and ratio_ok, text
 
 
 def summarize(run_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -48,34 +71,25 @@ def summarize(run_dir: Path) -> tuple[str, dict[str, Any]]:
     c = last.get("train_clustering", {})
     ratio = c["clusters"] / c["true_ids"] if c else float("nan")
     numbers = {"mAP_gain_points": gain, "clusters_over_true_ids": ratio}
-    text = table(rows) + (f"\nacceptance: mAP gain {gain:+.1f} points (bar: >= 15) -> {'OK' if gain >= 15 else 'FAIL'}; "
-                          f"clusters / true ids = {ratio:.2f} (bar: 0.8..1.2) -> "
-                          f"{'OK' if 0.8 <= ratio <= 1.2 else 'FAIL'}")
-    return text, numbers
+    return table(rows) + "\n" + acceptance(numbers)[1], numbers
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a.startswith("--") for a in args):
-        print(f"error: unknown option {next(a for a in args if a.startswith('--'))}; "
-              "this demo takes only key=value overrides", file=sys.stderr)
-        return 2
+def run_demo(args: list[str]) -> int:
+    """The demo's body (see the module doc for its exit status); a user's mistake raises UserError."""
+    flags = [a for a in args if a.startswith("--")]
+    if flags:
+        raise UserError(f"unknown option {flags[0]}; this demo takes only key=value overrides (e.g. train.epochs=10)")
     overrides = ["exp=tmgf_demo", *args]
-    try:
-        cfg = compose(overrides)
-        source_cfg = compose([f"exp={SOURCE_EXP}"])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = compose(overrides)
+    source_cfg = compose([f"exp={SOURCE_EXP}"])
     t0 = time.time()
     source = Path(cfg.model.pretrained or "")
     default_source = Path(source_cfg.run_dir) / "model_final.safetensors"
     print(f"[1/3] source model (labelled domain A): {source}", flush=True)
     if not source.is_file():
         if source.resolve() != default_source.resolve():
-            print(f"error: model.pretrained={str(source)!r} does not exist (the PAT demo writes "
-                  f"{default_source})", file=sys.stderr)
-            return 2
+            raise UserError(f"model.pretrained={str(source)!r} does not exist; pass an existing file, or leave "
+                            f"model.pretrained unset to use (and, if needed, train) the PAT demo's {default_source}")
         print(f"      not there yet: running the PAT demo (exp={SOURCE_EXP}) first", flush=True)
         rc = run_pat_demo([f"exp={SOURCE_EXP}"])
         if rc != 0:
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = launch_local(overrides)
     if rc != 0:
         return rc
-    text, _ = summarize(Path(cfg.run_dir))
+    text, numbers = summarize(Path(cfg.run_dir))
     print(text)
     try:
         from trainer.plots import plot_run
@@ -96,7 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # plotting is a nicety: never fail the demo on it
         print(f"(no plot: {exc})")
     print(f"total {time.time() - t0:.0f}s")
-    return 0
+    return demo_status(numbers)
+
+
+def demo_status(numbers: dict[str, float]) -> int:
+    """0 when the acceptance bars hold, else :data:`ACCEPTANCE_FAILED` (said on stderr too)."""
+    ok, text = acceptance(numbers)
+    if ok:
+        return 0
+    print(f"tmgf_demo: acceptance failed ({text.removeprefix('acceptance: ')}); exit {ACCEPTANCE_FAILED}",
+          file=sys.stderr)
+    return ACCEPTANCE_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_cli("trainer.tmgf_demo", lambda: run_demo(args))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,30 @@
 """``python -m trainer.train exp=NAME key=value …`` — one process, or every rank under torchrun.
 
-Composes and validates the config (a bad key or value exits with a one-line error before any work),
-sets up the process group, writes ``run_dir/config.yaml``, and runs the method on the engine.
+Composes and validates the config, sets up the process group, checks what a user may have got
+wrong (:func:`preflight`), writes ``run_dir/config.yaml``, and runs the method on the engine.
+
+A user's mistake — a bad key or value, a run dir that cannot be written, a checkpoint of another
+format or config, pretrained weights that are missing or do not fit, a metrics port in use — is one
+line ``trainer.train: error: …`` and exit 2 before any training work and before anything is
+written; every rank of a distributed run stops with the same error (rank 0 prints it). SIGTERM
+(scancel, SLURM preemption, torchrun forwarding its own) and SIGUSR2 stop the run at the next step
+boundary with one checkpoint; ``train.resume=auto`` continues from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable
 
+from shards.errors import USAGE_EXIT, UserError, run_cli
 from trainer import dist
-from trainer.config import Config, ConfigError, compose, to_yaml
-from trainer.engine.loop import Engine, FitResult, StopFlag
+from trainer.config import Config, ConfigError, check_files, compose, to_yaml
+from trainer.engine.loop import STATE_KEYS, Engine, FitResult, StopFlag, agreed
 from trainer.methods import build_method
 from shards.records import atomic_write_bytes
 
@@ -64,6 +76,73 @@ def check_resume_config(cfg: Config) -> None:
                           "config, or use another run_dir (or train.resume=never to start over there)")
 
 
+def check_run_dir(cfg: Config) -> None:
+    """Refuse a ``run_dir`` this process cannot write, before any work (one line: path and fix).
+
+    Probes the nearest existing folder of the path with a file that is removed at once, so a
+    refused run leaves nothing behind and an accepted one has only what it would create anyway.
+    """
+    run_dir = Path(cfg.run_dir).absolute()
+    probe_in = run_dir
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir}: {probe_in} is not a folder; pass another run_dir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_in, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run_dir={cfg.run_dir}: cannot write in {probe_in} ({exc.strerror}); pass a writable "
+                          "run_dir=PATH") from None
+
+
+def check_checkpoint(cfg: Config) -> None:
+    """Refuse, before any work, the checkpoint ``train.resume`` would load if this trainer cannot
+    resume it (another format version, missing files or state keys): one line, its path and the fix."""
+    from trainer.engine.checkpoint import check_checkpoint as check, resolve_resume
+
+    ckpt = resolve_resume(cfg.train.resume, Path(cfg.run_dir) / "checkpoints")
+    if ckpt is not None:
+        check(ckpt, STATE_KEYS)
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Load ``model.pretrained`` into a model of this config, before any data or process work.
+
+    Missing, unreadable or not fitting weights fail here in one line rather than after the data are
+    built; the model is built exactly as the method will (the classifier size, and TMGF's cameras,
+    do not take part in loading), under a forked RNG so the run's random streams are untouched.
+    """
+    if not cfg.model.pretrained:
+        return
+    import torch
+
+    from trainer.models.registry import as_model_config, build_model
+
+    model_cfg = as_model_config(cfg.model)
+    model_cfg = dataclasses.replace(model_cfg, num_cams=max(1, model_cfg.num_cams))
+    with torch.random.fork_rng(devices=[]):
+        build_model(model_cfg, num_classes=0)  # no classifier: every model accepts that (TMGF has none)
+
+
+def check_metrics_port(cfg: Config) -> None:
+    """Rank 0 serves the metrics: it checks that it can listen on ``train.metrics_port`` (0 = any port)."""
+    if cfg.train.metrics_port > 0 and dist.is_main():
+        from trainer.engine.prometheus import check_port
+
+        check_port(cfg.train.metrics_port, cfg.train.metrics_addr)
+
+
+def preflight(cfg: Config) -> None:
+    """Every check of a user's mistake, on this rank, before anything is written (see the module doc)."""
+    check_run_dir(cfg)
+    check_resume_config(cfg)  # first, as the launcher does: another config is the mistake to fix first
+    check_files(cfg)  # model.pretrained and an explicit train.resume exist
+    check_checkpoint(cfg)
+    check_metrics_port(cfg)
+    check_pretrained(cfg)
+
+
 def write_run_config(cfg: Config) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,9 +151,12 @@ def write_run_config(cfg: Config) -> Path:
 
 
 def run(cfg: Config, stop_flag: StopFlag | None = None) -> FitResult:
-    """Train ``cfg`` in this process (a rank of the job); the process group must be set up."""
+    """Train ``cfg`` in this process (a rank of the job); the process group must be set up.
+
+    Starts with :func:`preflight` on every rank: a user's mistake found on any rank is raised, the
+    same, on all of them (no rank is left waiting in a collective)."""
     run_dir = Path(cfg.run_dir)
-    check_resume_config(cfg)  # every rank: all of them stop with the same error
+    agreed(lambda: preflight(cfg))
     if dist.is_main():
         write_run_config(cfg)
     dist.barrier()
@@ -82,29 +164,38 @@ def run(cfg: Config, stop_flag: StopFlag | None = None) -> FitResult:
     return Engine(method, cfg.train, cfg.eval, run_dir, stop_flag=stop_flag).fit()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _train(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = compose(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        check_resume_config(cfg)  # before any process group: a one-line error, no traceback
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = compose(args)
+    check_run_dir(cfg)  # before the process group and before anything is written
     rank = dist.init().rank
     flag = StopFlag()
-    flag.install()
+    flag.install()  # SIGUSR2 and SIGTERM: checkpoint at the next step boundary, then exit
     try:
         result = run(cfg, flag)
     finally:
         dist.shutdown()
     if rank == 0:
-        print(f"{result.status} at step {result.global_step} (epoch {result.epoch}); run dir {cfg.run_dir}")
+        again = "; the same command continues it (train.resume=auto)" if result.status != "finished" else ""
+        print(f"{result.status} at step {result.global_step} (epoch {result.epoch}); run dir {cfg.run_dir}{again}")
     return 0
+
+
+def _on_rank_zero_only(body: Callable[[], int]) -> Callable[[], int]:
+    """Ranks other than 0 exit 2 on a user error without printing it: rank 0 prints the same line."""
+    def quiet() -> int:
+        try:
+            return body()
+        except UserError:
+            if os.environ.get("RANK", "0") not in ("", "0"):
+                return USAGE_EXIT
+            raise
+    return quiet
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_cli("trainer.train", _on_rank_zero_only(lambda: _train(args)))
 
 
 if __name__ == "__main__":

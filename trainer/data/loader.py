@@ -5,7 +5,10 @@ Batches are dicts: ``img`` float32 B×3×H×W, ``pid``, ``camid``, ``domain``, `
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -60,14 +63,40 @@ class _SeededIndices:
 _INFERENCE_EPOCH = 1 << 62
 
 
+def survive_foreign_sigterm(worker_id: int = 0) -> None:
+    """worker_init_fn: this DataLoader worker ignores a SIGTERM that its rank did not send.
+
+    scancel and SLURM preemption signal every process of the job step, torchrun the process group
+    of each rank: the workers get the SIGTERM meant for the rank. Torch's worker handler exits on
+    any SIGTERM, so the rank would die on "worker exited unexpectedly" instead of checkpointing at
+    the next step boundary (``trainer.engine.loop.StopFlag``). Python handlers cannot see the
+    sender, so SIGTERM is blocked here and a thread takes it with ``sigwaitinfo``: from the rank
+    (its ``terminate()`` at shutdown) it exits as torch's handler does; from anyone else it is
+    dropped — the rank got the same signal and stops the loader itself. Threads started later in
+    the worker inherit the block.
+    """
+    del worker_id
+    rank_pid = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == rank_pid:
+                os._exit(0)
+
+    threading.Thread(target=take, name="sigterm-from-rank", daemon=True).start()
+
+
 class _WorkerSeeder:
-    """worker_init_fn: global RNGs of worker w seeded from (seed, epoch, w) — for foreign transforms."""
+    """worker_init_fn: global RNGs of worker w seeded from (seed, epoch, w) — for foreign transforms —
+    and :func:`survive_foreign_sigterm`."""
 
     def __init__(self, seed: int, sampler: PKSampler | None) -> None:
         self.seed = seed
         self.sampler = sampler
 
     def __call__(self, worker_id: int) -> None:
+        survive_foreign_sigterm()
         epoch = self.sampler.epoch if self.sampler is not None else 0  # read in the fresh worker: the current epoch
         # step slot 2**63 + worker id: a stream disjoint from the per-sample augmentation seeds
         base = int(sample_seeds(self.seed, epoch, 1 << 63, np.array([worker_id]))[0])
@@ -178,6 +207,7 @@ def build_inference_loader(store: SampleIndex, transform: Callable[..., torch.Te
         shuffle=False,
         drop_last=False,
         generator=_own_generator(seed),
+        worker_init_fn=survive_foreign_sigterm,
         **_loader_kwargs(num_workers, pin_memory, None),
     )
 

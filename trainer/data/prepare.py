@@ -3,7 +3,7 @@
 This is what makes ``exp=pat_smoke`` and the demo self-contained: a missing synthetic dataset is
 generated (``shards.synth``) and packed (``shards.pack``) into the cache once, by one process, under
 a lock file, and every later run reuses it. A missing real dataset is a one-line error telling
-the user how to pack it.
+the user how to pack it (:func:`check_datasets`, which the launcher calls before anything is written).
 """
 
 from __future__ import annotations
@@ -15,12 +15,18 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from shards.errors import UserError
+from shards.layouts import LAYOUTS
 from shards.records import MANIFEST, atomic_write_bytes
 from trainer import dist
 from trainer.config import DataConfig, SynthSourceConfig
 
 # Pack parser for each synthetic layout (CUHK03-NP is packed as its detected subset, as PAT uses).
 _PACK_NAME = {"market1501": "market1501", "dukemtmc": "dukemtmc", "msmt17": "msmt17", "cuhk03np": "cuhk03np_detected"}
+
+
+class DatasetNotPackedError(UserError):
+    """A real dataset the run names has no pack under ``data.root``: the message says how to pack it."""
 
 
 def dataset_dir(cfg: DataConfig, name: str) -> Path:
@@ -59,17 +65,29 @@ def _make_synthetic(name: str, spec: SynthSourceConfig, out: Path, cache: Path) 
     atomic_write_bytes(_spec_file(cache, name), _spec_json(spec).encode())
 
 
-def ensure_datasets(cfg: DataConfig) -> list[Path]:
-    """Collective: return the pack folders of sources + targets, creating synthetic ones if missing."""
+def check_datasets(cfg: DataConfig) -> list[str]:
+    """Refuse a run whose real datasets are not packed (one line: dataset, folder, pack command);
+    return the synthetic ones that :func:`ensure_datasets` would make. Reads only: writes nothing."""
     sources, targets = cfg.resolved()
     names = list(dict.fromkeys(sources + targets))
     missing = [n for n in names if not _is_current(cfg, n)]
     unknown = [n for n in missing if n not in cfg.synthetic]
     if unknown:
         n = unknown[0]
-        raise FileNotFoundError(
-            f"data.root={cfg.root}: no packed dataset {n!r} ({dataset_dir(cfg, n) / MANIFEST} missing); "
-            f"pack it with `python -m shards.pack --dataset <layout> --root <dataset folder> --out {dataset_dir(cfg, n)}`")
+        layout = n if n in LAYOUTS else "<layout>"  # a real dataset is packed under its layout's name
+        also = f" (also missing: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+        raise DatasetNotPackedError(
+            f"data.root={cfg.root}: no packed dataset {n!r} ({dataset_dir(cfg, n) / MANIFEST} missing){also}; "
+            f"pack it with `python -m shards.pack --dataset {layout} --root <dataset folder> "
+            f"--out {dataset_dir(cfg, n)}`, or point data.root at the folder that holds the packs")
+    return missing
+
+
+def ensure_datasets(cfg: DataConfig) -> list[Path]:
+    """Collective: return the pack folders of sources + targets, creating synthetic ones if missing."""
+    sources, targets = cfg.resolved()
+    names = list(dict.fromkeys(sources + targets))
+    missing = check_datasets(cfg)
     if missing and _local_main():
         cache = Path(cfg.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)

@@ -31,13 +31,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from shards.errors import UserError
 from shards.records import Manifest, ShardInfo, read_manifest, sample_key
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png")
 """Member extensions that hold the image bytes of a sample (exactly one per sample)."""
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard that does not match its manifest: missing, truncated, corrupt or out of order."""
 
 

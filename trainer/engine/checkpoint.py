@@ -1,4 +1,4 @@
-"""Atomic, complete checkpoints for exact resume (DESIGN §3.7).
+"""Atomic, complete checkpoints for exact resume.
 
 Layout of one checkpoint, a directory under ``run_dir/checkpoints``::
 
@@ -6,6 +6,11 @@ Layout of one checkpoint, a directory under ``run_dir/checkpoints``::
       state.pt          everything global (model, optimizer, scheduler, scaler, method state
                         such as banks or pseudo labels, sampler, step/epoch), written by rank 0
       rng_rank{r}.pt    each rank's RNG states (python, numpy, torch CPU, torch CUDA)
+      meta.json         format version, step, world size, the keys of state.pt (written last)
+
+Resume reads ``meta.json`` first (:func:`check_checkpoint`): a checkpoint of another format version,
+or one without the files or keys the trainer needs, is refused in one line before any work starts,
+rather than failing deep inside ``load_state_dict``.
 
 All ranks write into ``step_….tmp``; after a barrier rank 0 fsyncs and renames it, so a directory
 without the ``.tmp`` suffix is always complete. A crash leaves at most a ``.tmp`` that resume ignores.
@@ -14,6 +19,7 @@ Files load with ``torch.load(weights_only=True)``: nothing in a checkpoint can r
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -24,10 +30,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.errors import UserError
 from shards.records import fsync_dir
 from trainer import dist
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+FORMAT_VERSION = 2
+"""Version of the checkpoint layout, written to ``meta.json``; resume refuses any other. Bump it when
+``state.pt`` changes in a way an older or newer trainer cannot load. Version 1 is the layout from
+before versions were recorded (no ``meta.json``)."""
+META = "meta.json"
+
+_FIX = "pass train.resume=never to start over, or another run_dir"
+
+
+class CheckpointError(UserError):
+    """A checkpoint this trainer cannot resume: the message names its path and what to do."""
 
 
 def _save_file(obj: Any, path: Path) -> None:
@@ -95,6 +114,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike[str], step: int, state: dict[st
         _save_file(state, tmp / "state.pt")
     dist.barrier()
     if rank == 0:
+        _write_meta(tmp, step, state)
         fsync_dir(tmp)
         if final.exists():  # same step saved twice (e.g. a resumed run re-saving): replace it
             shutil.rmtree(final)
@@ -107,6 +127,46 @@ def save_checkpoint(ckpt_root: str | os.PathLike[str], step: int, state: dict[st
     return final
 
 
+def _write_meta(folder: Path, step: int, state: dict[str, Any]) -> None:
+    meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": dist.get_world_size(),
+            "keys": sorted(map(str, state))}
+    with open(folder / META, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_checkpoint(path: str | os.PathLike[str], required_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Refuse a checkpoint this trainer cannot resume; returns its ``meta.json``.
+
+    Reads only ``meta.json`` (cheap: every rank calls it before any work): the format version must
+    be :data:`FORMAT_VERSION`, ``state.pt`` and the RNG file of every saved rank must be there, and
+    ``state.pt`` must hold ``required_keys``. Raises :class:`CheckpointError` (path and fix) otherwise.
+    """
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: a checkpoint of format 1 (no {META}: written before checkpoint formats "
+                              f"were versioned); this trainer resumes format {FORMAT_VERSION} only; {_FIX}")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        version, world, keys = meta["format_version"], int(meta["world_size"]), list(meta["keys"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{meta_file}: unreadable checkpoint metadata ({type(exc).__name__}: {exc}); "
+                              f"{_FIX}") from None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: a checkpoint of format {version!r} (written by another version of the "
+                              f"trainer); this trainer resumes format {FORMAT_VERSION} only; {_FIX}")
+    absent = [f for f in ("state.pt", *(f"rng_rank{r}.pt" for r in range(world))) if not (path / f).is_file()]
+    if absent:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(absent)}; {_FIX}")
+    lacking = [k for k in required_keys if k not in keys]
+    if lacking:
+        raise CheckpointError(f"{path}: the checkpoint's state.pt lacks {', '.join(lacking)}; {_FIX}")
+    return meta
+
+
 def resolve_resume(resume: str, ckpt_root: str | os.PathLike[str]) -> Path | None:
     """``auto`` → newest complete checkpoint or None; ``never`` → None; else a checkpoint directory."""
     if resume == "never":
@@ -116,18 +176,28 @@ def resolve_resume(resume: str, ckpt_root: str | os.PathLike[str]) -> Path | Non
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"train.resume={resume!r}: expected 'auto', 'never' or a checkpoint directory "
-                                f"holding state.pt")
+        raise CheckpointError(f"train.resume={resume!r}: not a checkpoint directory (no state.pt there); pass "
+                              f"train.resume=auto, train.resume=never or a checkpoint directory such as "
+                              f"{Path(ckpt_root) / step_dir_name(0)}")
     return path
 
 
-def load_checkpoint(path: str | os.PathLike[str], restore_rng: bool = True) -> dict[str, Any]:
-    """Load ``state.pt`` (on CPU) and, if present for this rank, restore this rank's RNG states."""
+def load_checkpoint(path: str | os.PathLike[str], restore_rng: bool = True,
+                    required_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load ``state.pt`` (on CPU) and, if present for this rank, restore this rank's RNG states.
+
+    A damaged ``state.pt``, or one without ``required_keys``, is a :class:`CheckpointError`: every
+    rank reads the same file, so every rank raises the same error.
+    """
     path = Path(path)
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"{path / 'state.pt'}: cannot load checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path / 'state.pt'}: cannot load the checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); {_FIX}") from None
+    lacking = [k for k in required_keys if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise CheckpointError(f"{path / 'state.pt'}: the checkpoint lacks {', '.join(lacking)}; {_FIX}")
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if restore_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))

@@ -13,20 +13,62 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 from torch import nn
 
+from shards.errors import UserError
 from trainer import dist
-from trainer.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from trainer.engine.checkpoint import check_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.engine.method import Method
 from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
 from trainer.config import EvalConfig, TrainConfig
 from trainer.engine.optim import EpochLR, build_optimizer, param_groups
 from trainer.engine.strategy import Strategy
 
+if TYPE_CHECKING:
+    from trainer.engine.prometheus import PrometheusSink
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STATE_KEYS = ("model", "optimizer", "strategy", "method", "epoch", "step_in_epoch", "global_step")
+"""What the engine reads back from a checkpoint's ``state.pt`` (a checkpoint without one is refused)."""
+
+
+def agree_on_error(error: UserError | None) -> None:
+    """Collective: if any rank has a user error, raise the lowest such rank's message on every rank.
+
+    A mistake seen by one rank only (rank 0 alone binds the metrics port) must stop all of them
+    with the same line: a rank left running would wait in its next collective forever.
+    """
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as tdist
+
+    messages: list[str | None] = [None] * dist.get_world_size()
+    tdist.all_gather_object(messages, None if error is None else str(error))
+    first = next((m for m in messages if m is not None), None)
+    if first is None:
+        return
+    if error is not None and str(error) == first:
+        raise error
+    raise UserError(first)
+
+
+def agreed(check: Callable[[], T]) -> T | None:
+    """Run ``check`` on every rank; a :class:`UserError` on any rank is raised on all (see :func:`agree_on_error`)."""
+    try:
+        result = check()
+    except UserError as exc:
+        agree_on_error(exc)
+        raise  # unreachable: agree_on_error raised
+    agree_on_error(None)
+    return result
 
 
 @dataclass
@@ -42,6 +84,11 @@ class FitResult:
 
 class StopFlag:
     """Set by a signal handler on any rank; agreed on by all ranks at step boundaries.
+
+    Both signals a run is asked to stop with are handled alike: SIGUSR2 (SLURM's warning before the
+    time limit) and SIGTERM (scancel, preemption with a grace time, torchrun forwarding the SIGTERM it
+    got to every worker's process group). At the next step boundary every rank sees the flag, one
+    checkpoint is written and :meth:`Engine.fit` returns ``stopped``.
 
     :meth:`install` sets only the flag (no I/O) and then calls the previous handler, which suits
     torchrun. Under submitit the launcher installs its own trap instead (``launch/slurm.py``):
@@ -105,18 +152,24 @@ class Engine:
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
         self.strategy = Strategy(self.device, precision, sync_bn=cfg.sync_bn)
+        exporter = None
+        if cfg.metrics_port >= 0:  # every rank agrees: a busy port stops all of them, not rank 0 alone
+            exporter = agreed(self._start_exporter)  # before metrics.jsonl: a refused run leaves no file
         if sinks is None:
             sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), ConsoleSink(cfg.log_every)]
-        exporter = None
-        if cfg.metrics_port >= 0 and dist.is_main():
-            from trainer.engine.prometheus import PrometheusSink
-
-            exporter = PrometheusSink(cfg.metrics_port, cfg.metrics_addr, run=self.run_dir.name)
+        if exporter is not None:
             sinks = [*sinks, exporter]
         self.metrics = Metrics(sinks, enabled=dist.is_main())
         if exporter is not None:
             self.metrics.log("metrics_server", url=f"http://{exporter.addr}:{exporter.port}/metrics")
         method.bind_metrics(self.metrics.log)
+
+    def _start_exporter(self) -> PrometheusSink | None:
+        if not dist.is_main():
+            return None
+        from trainer.engine.prometheus import PrometheusSink
+
+        return PrometheusSink(self.cfg.metrics_port, self.cfg.metrics_addr, run=self.run_dir.name)
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step_in_epoch: int,
@@ -166,7 +219,8 @@ class Engine:
         initial: dict[str, Any] = {}
         ckpt = resolve_resume(cfg.resume, self.ckpt_dir)
         if ckpt is not None:
-            state = load_checkpoint(ckpt)
+            check_checkpoint(ckpt, STATE_KEYS)
+            state = load_checkpoint(ckpt, required_keys=STATE_KEYS)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.strategy.load_state_dict(state["strategy"])
@@ -242,8 +296,9 @@ class Engine:
 
 
 def _update_best(best: dict[str, Any], results: dict[str, Any], epoch: int) -> dict[str, Any]:
-    """Best epoch per target by mAP (reported beside the last epoch; selection on the target is the
-    official repo's habit, so both are shown)."""
+    """Best epoch per target by mAP, kept beside the last epoch because the official repo reports it.
+    Choosing the epoch on the target domain is an oracle in domain generalization: reports label it
+    so (``trainer/demo.py``); the last epoch is the result."""
     out = dict(best)
     for target, m in results.items():
         if not isinstance(m, dict) or "mAP" not in m:

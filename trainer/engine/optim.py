@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,12 +37,13 @@ class EpochLR:
 
     ``cosine`` is timm's CosineLRScheduler configured as the PAT repo does (stepped with epochs
     1..E, t_in_epochs, warm-up from ``warmup_factor·lr``). ``multistep`` is the TMGF/O2CAP
-    WarmupMultiStepLR. Both are functions of the epoch, so resume needs only the epoch.
+    WarmupMultiStepLR. ``paper`` is PAT §4.2 (:func:`paper_lr_factor`). All are functions of the
+    epoch, so resume needs only the epoch.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
-        if cfg.schedule not in ("cosine", "multistep"):
-            raise ValueError(f"train.optim.schedule={cfg.schedule!r}: expected 'cosine' or 'multistep'")
+        if cfg.schedule not in ("cosine", "multistep", "paper"):
+            raise ValueError(f"train.optim.schedule={cfg.schedule!r}: expected 'cosine', 'multistep' or 'paper'")
         self.optimizer = optimizer
         self.cfg = cfg
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -68,4 +70,23 @@ class EpochLR:
             self._timm.step(epoch + 1)  # the official loop calls scheduler.step(epoch) with epoch = 1..E
             return
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = self.multistep_lr(base, epoch)
+            if self.cfg.schedule == "paper":
+                g["lr"] = base * paper_lr_factor(self.cfg, epoch)
+            else:
+                g["lr"] = self.multistep_lr(base, epoch)
+
+
+def paper_lr_factor(cfg: OptimConfig, epoch: int) -> float:
+    """PAT §4.2's schedule as a factor of each group's base LR, for the 0-based ``epoch``.
+
+    "The learning rate increases linearly from 0 to 1e-3 in the first 10 epochs then it decays in the
+    following 50 epochs": with ``t = epoch + 1`` (as the official loop counts), W = ``warmup_epochs``
+    and D = ``decay_epochs``, the factor is ``t/W`` for t <= W (1 at the W-th epoch), then a half
+    cosine from 1 at t = W to the floor ``m = cosine_lr_min_factor`` at t = W + D, and m after. The
+    paper does not say how it decays; the half cosine is the shape of the official code's schedule.
+    """
+    t, w, d, m = epoch + 1, cfg.warmup_epochs, cfg.decay_epochs, cfg.cosine_lr_min_factor
+    if t <= w:
+        return t / w
+    progress = min(1.0, (t - w) / d)
+    return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))

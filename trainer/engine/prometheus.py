@@ -13,9 +13,12 @@ Strings and lists are skipped (metrics.jsonl has everything), as are ``time`` an
 from __future__ import annotations
 
 import re
+import socket
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from shards.errors import UserError
 
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
 _PER_TARGET = ("results", "best", "last", "initial")
@@ -29,6 +32,18 @@ def _metric_name(*parts: str) -> str:
     return name if not name[0].isdigit() else "_" + name
 
 
+class MetricsPortError(UserError):
+    """The exporter cannot listen where ``train.metrics_port``/``train.metrics_addr`` say."""
+
+
+def check_port(port: int, addr: str = "127.0.0.1") -> None:
+    """Raise :class:`MetricsPortError` unless an exporter could serve on ``addr:port`` now.
+
+    Starts and stops the very server the sink uses, so the check binds exactly as the run will
+    (a port taken in between is still refused by the sink itself)."""
+    PrometheusSink(port, addr).close()
+
+
 class PrometheusSink:
     """Latest value of every numeric metric, served over HTTP from a background thread."""
 
@@ -39,9 +54,14 @@ class PrometheusSink:
         self._gauges: dict[str, tuple[Gauge, tuple[str, ...]]] = {}
         try:
             self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as exc:
-            raise OSError(f"train.metrics_port={port}: cannot serve metrics on {addr}:{port} ({exc.strerror or exc}); "
-                          "pick a free port or 0 to turn the exporter off") from None
+        except socket.gaierror as exc:
+            raise MetricsPortError(f"train.metrics_addr={addr}: not an address of this host ({exc.strerror or exc}); "
+                                   "pass an IP of this host (127.0.0.1, 0.0.0.0 for all)") from None
+        except OSError as exc:  # port taken, address not on this host, no permission (< 1024)
+            raise MetricsPortError(
+                f"train.metrics_port={port}: cannot serve metrics on {addr}:{port} ({exc.strerror or exc}); pass "
+                f"another train.metrics_port, train.metrics_port=0 for any free port, or train.metrics_port=-1 to "
+                f"turn the exporter off") from None
         self.port = int(self._server.server_port)  # the bound port (port 0 asks the OS for a free one)
         self.addr = addr
 
@@ -81,4 +101,4 @@ class PrometheusSink:
         self._server.server_close()
 
 
-__all__ = ["PrometheusSink"]
+__all__ = ["MetricsPortError", "PrometheusSink", "check_port"]

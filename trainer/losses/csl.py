@@ -1,6 +1,6 @@
 """CSL (Cross-ID Similarity Learning, PAT §3.2) on the sharded part memory bank.
 
-For part ``p`` and batch sample ``i`` with bank row ``idx_i`` (pat.md §2.2)::
+For part ``p`` and batch sample ``i`` with bank row ``idx_i`` (the official ``Pedal``)::
 
     d_ij   = ||f_i^p − M_j^p||²                       squared L2; gradient only through f_i
     V_i    = { j : row j filled, j ≠ idx_i }           self and never-written rows excluded
@@ -10,7 +10,12 @@ For part ``p`` and batch sample ``i`` with bank row ``idx_i`` (pat.md §2.2)::
 
 ``ℓ_i^p = 0`` when ``V_i`` is empty, and ``T_i = V_i`` when ``|V_i| ≤ k`` (so ℓ = 0 too).
 
-Sharded computation (DESIGN §4). Rank r owns rows ``[start_r, stop_r)``:
+That is the official code (``form="official"``). The paper's Eq. 6 writes the logit as ``f_i·M_j / τ``
+instead of ``−s·d_ij``: ``form="paper"`` (``τ = tau``) uses that logit everywhere above, for the
+choice of ``T_i`` too (the k rows most similar by it). ``part_reduction="sum"`` sums ℓ over the parts
+as Eq. 10 does (P times the code's mean).
+
+Sharded computation. Rank r owns rows ``[start_r, stop_r)``:
 
 1. the local batch features are all-gathered with autograd (``B = W·b`` samples);
 2. each rank computes, for the whole global batch against its own rows only, the partial
@@ -37,7 +42,7 @@ available as ``nan_to_zero``). Exactly tied distances may order neighbours diffe
 world sizes (``topk`` tie order); the loss is unaffected.
 
 Order with the bank update: the official code updates the memory with the current batch *before*
-computing the loss (pat.md §4). :func:`csl_step` does exactly that by default (``update="before"``),
+computing the loss. :func:`csl_step` does exactly that by default (``update="before"``),
 sharing one all-gather between the update and the loss.
 """
 
@@ -60,7 +65,7 @@ class CSLOutput:
     """Result of the CSL loss for this rank's samples."""
 
     loss: torch.Tensor
-    """Scalar: mean of ``ℓ_i^p`` over this rank's samples and the parts."""
+    """Scalar: mean of ``ℓ_i^p`` over this rank's samples, then mean (or sum) over the parts."""
     neighbour_indices: torch.Tensor
     """``b×P×k`` int64 global bank rows of the k nearest neighbours (nearest first); −1 = none."""
     per_sample: torch.Tensor
@@ -81,7 +86,8 @@ class _SliceLSE(torch.autograd.Function):
     """Partial logsumexp of ``−s·d`` over a bank slice, plus its top-k rows (validity + local column).
 
     Streams the slice in row chunks with an online max/sum/weighted-mean, so memory is
-    O(P·B·chunk + P·B·D) whatever the slice size; backward is ``g·(−2s)·(f − μ)``.
+    O(P·B·chunk + P·B·D) whatever the slice size; backward is ``g·(−2s)·(f − μ)`` for the official
+    logit ``−s·||f − M_j||²`` and ``g·μ/τ`` for the paper's ``f·M_j/τ`` (``tau`` set).
     """
 
     @staticmethod
@@ -94,6 +100,7 @@ class _SliceLSE(torch.autograd.Function):
         self_col: torch.Tensor,  # B: local row of the sample itself, −1 if not in this slice
         scale: float,
         k: int,
+        tau: float | None,  # None: the official logit; a number: the paper's f·M/τ
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_parts, batch, dim = gp.shape
         n = bank.shape[1]
@@ -109,8 +116,11 @@ class _SliceLSE(torch.autograd.Function):
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
             mc = bank[:, c0:c1]
-            logits = torch.baddbmm((g2[:, :, None] + sqnorm[:, None, c0:c1]), gp, mc.transpose(1, 2),
-                                   beta=1.0, alpha=-2.0).mul_(-scale)
+            if tau is None:
+                logits = torch.baddbmm((g2[:, :, None] + sqnorm[:, None, c0:c1]), gp, mc.transpose(1, 2),
+                                       beta=1.0, alpha=-2.0).mul_(-scale)
+            else:
+                logits = torch.bmm(gp, mc.transpose(1, 2)).div_(tau)
             logits.masked_fill_(~filled[c0:c1][None, None, :], float("-inf"))
             # Mask each sample's own row without a host sync: rewrite one column per sample, −inf
             # where it is the sample itself, its old value otherwise.
@@ -133,11 +143,13 @@ class _SliceLSE(torch.autograd.Function):
         anyv = (count > 0)[None, :].expand(num_parts, batch)
         safe_s = torch.where(anyv, run_s, torch.ones_like(run_s))
         lse = torch.where(anyv, run_m + torch.log(safe_s), torch.full_like(run_m, float("-inf")))
-        mu = torch.where(anyv[:, :, None], run_mu / safe_s[:, :, None], gp)  # f − μ = 0 where empty
+        empty = gp if tau is None else torch.zeros_like(gp)  # a zero gradient where no row is valid
+        mu = torch.where(anyv[:, :, None], run_mu / safe_s[:, :, None], empty)
         slot_ok = (torch.arange(top_v.shape[-1], device=dev)[None, :] < count[:, None])[None]
         slot_ok = slot_ok.expand_as(top_v).contiguous()  # the first min(k, count) slots are real rows
         ctx.save_for_backward(gp, mu)
         ctx.scale = scale
+        ctx.tau = tau
         ctx.mark_non_differentiable(slot_ok, top_c)
         return lse, slot_ok, top_c
 
@@ -146,8 +158,29 @@ class _SliceLSE(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, g_lse: torch.Tensor, _gv: torch.Tensor, _gc: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         gp, mu = ctx.saved_tensors
-        grad = g_lse[:, :, None] * (-2.0 * ctx.scale) * (gp - mu)
-        return grad, None, None, None, None, None, None
+        if ctx.tau is None:
+            grad = g_lse[:, :, None] * (-2.0 * ctx.scale) * (gp - mu)
+        else:
+            grad = g_lse[:, :, None] * mu / ctx.tau
+        return grad, None, None, None, None, None, None, None
+
+
+CSLForm = Literal["official", "paper"]
+PartReduction = Literal["mean", "sum"]
+
+
+def _tau_of(form: str, tau: float, part_reduction: str) -> float | None:
+    """The paper form's temperature, or None for the official logit; refuses any other form or
+    reduction before any collective runs."""
+    if part_reduction not in ("mean", "sum"):
+        raise ValueError(f"csl: part_reduction={part_reduction!r}: expected 'mean' or 'sum'")
+    if form == "official":
+        return None
+    if form == "paper":
+        if not tau > 0:
+            raise ValueError(f"csl: tau={tau}: expected > 0")
+        return float(tau)
+    raise ValueError(f"csl: form={form!r}: expected 'official' or 'paper'")
 
 
 def _check_inputs(feats: torch.Tensor, indices: torch.Tensor, num_parts: int, dim: int, k: int) -> None:
@@ -160,12 +193,13 @@ def _check_inputs(feats: torch.Tensor, indices: torch.Tensor, num_parts: int, di
         raise ValueError(f"csl: k={k}: expected k >= 1")
 
 
-def _finish(per: torch.Tensor, nan_to_zero: bool) -> torch.Tensor:
-    """Mean over parts and samples of ``per`` (P×b); optional official NaN→0 guard per part."""
+def _finish(per: torch.Tensor, nan_to_zero: bool, part_reduction: str = "mean") -> torch.Tensor:
+    """Mean over samples of ``per`` (P×b), then mean (the code) or sum (Eq. 10) over the parts;
+    optional official NaN→0 guard per part."""
     part = per.mean(1)
     if nan_to_zero:
         part = torch.where(torch.isfinite(part), part, torch.zeros_like(part))
-    return part.mean()
+    return part.sum() if part_reduction == "sum" else part.mean()
 
 
 def csl_from_gathered(
@@ -175,6 +209,9 @@ def csl_from_gathered(
     k: int = 10,
     scale: float = 0.02,
     nan_to_zero: bool = False,
+    form: CSLForm = "official",
+    tau: float = 0.02,
+    part_reduction: PartReduction = "mean",
 ) -> CSLOutput:
     """CSL for this rank's samples, given the global batch already gathered (rank order).
 
@@ -184,6 +221,7 @@ def csl_from_gathered(
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     _check_inputs(gfeats, gindices, bank.num_parts, bank.dim, k)
+    t = _tau_of(form, tau, part_reduction)
     if gfeats.shape[0] % world:
         raise ValueError(f"csl: gathered batch {gfeats.shape[0]} not divisible by world size {world}")
     b = gfeats.shape[0] // world
@@ -194,7 +232,7 @@ def csl_from_gathered(
         own = (gidx >= bank.start) & (gidx < bank.stop)
         self_col = torch.where(own, gidx - bank.start, torch.full_like(gidx, -1))
         sqnorm = bank.sqnorms()
-        lse, valid, top_c = _SliceLSE.apply(gp, bank.feats, sqnorm, bank.filled, self_col, float(scale), int(k))
+        lse, valid, top_c = _SliceLSE.apply(gp, bank.feats, sqnorm, bank.filled, self_col, float(scale), int(k), t)
         # Candidate logits again, now differentiable in f (the same expansion as in the slice pass).
         kk = top_c.shape[-1]
         cols = torch.where(valid, top_c, torch.zeros_like(top_c))
@@ -202,8 +240,11 @@ def csl_from_gathered(
             flat = cols.reshape(bank.num_parts, -1)
             rows = torch.gather(bank.feats, 1, flat[:, :, None].expand(-1, -1, bank.dim))
             rows = rows.reshape(bank.num_parts, -1, kk, bank.dim)
-            m2 = torch.gather(sqnorm, 1, flat).reshape(cols.shape)
-            cand = -scale * ((gp * gp).sum(-1)[:, :, None] + m2 - 2.0 * torch.einsum("pbd,pbkd->pbk", gp, rows))
+            if t is None:
+                m2 = torch.gather(sqnorm, 1, flat).reshape(cols.shape)
+                cand = -scale * ((gp * gp).sum(-1)[:, :, None] + m2 - 2.0 * torch.einsum("pbd,pbkd->pbk", gp, rows))
+            else:
+                cand = torch.einsum("pbd,pbkd->pbk", gp, rows) / t
         else:
             cand = gp.new_zeros(bank.num_parts, gp.shape[1], 0)
         ids = torch.where(valid, top_c + bank.start, torch.full_like(top_c, -1))
@@ -228,7 +269,7 @@ def csl_from_gathered(
         top_ids = torch.where(top_ok, ids_mine.gather(-1, pick), torch.full_like(pick, -1))
         num, num_any = _masked_logsumexp(top_logits, top_ok, dim=-1)
         per = torch.where(num_any, den - num, torch.zeros_like(den))  # P×b
-        loss = _finish(per, nan_to_zero)
+        loss = _finish(per, nan_to_zero, part_reduction)
     return CSLOutput(loss=loss, neighbour_indices=top_ids.permute(1, 0, 2).contiguous(), per_sample=per.t())
 
 
@@ -239,6 +280,9 @@ def csl_loss(
     k: int = 10,
     scale: float = 0.02,
     nan_to_zero: bool = False,
+    form: CSLForm = "official",
+    tau: float = 0.02,
+    part_reduction: PartReduction = "mean",
 ) -> CSLOutput:
     """CSL of this rank's batch (``feats`` ``b×P×D`` with grad, ``indices`` ``b`` global rows).
 
@@ -248,7 +292,8 @@ def csl_loss(
     _check_inputs(feats, indices, bank.num_parts, bank.dim, k)
     gfeats = dist.all_gather_autograd(feats.to(bank.device))
     gidx = dist.all_gather(indices.to(bank.device, torch.long))
-    return csl_from_gathered(gfeats, gidx, bank, k=k, scale=scale, nan_to_zero=nan_to_zero)
+    return csl_from_gathered(gfeats, gidx, bank, k=k, scale=scale, nan_to_zero=nan_to_zero, form=form, tau=tau,
+                             part_reduction=part_reduction)
 
 
 def csl_step(
@@ -260,6 +305,9 @@ def csl_step(
     scale: float = 0.02,
     update: Literal["before", "after", "none"] = "before",
     nan_to_zero: bool = False,
+    form: CSLForm = "official",
+    tau: float = 0.02,
+    part_reduction: PartReduction = "mean",
 ) -> CSLOutput:
     """One training step's CSL with the bank update, sharing one all-gather between them.
 
@@ -270,12 +318,14 @@ def csl_step(
     if update not in ("before", "after", "none"):
         raise ValueError(f"csl_step update={update!r}: expected 'before', 'after' or 'none'")
     _check_inputs(feats, indices, bank.num_parts, bank.dim, k)
+    _tau_of(form, tau, part_reduction)  # refuse bad options before the bank is written
     gfeats = dist.all_gather_autograd(feats.to(bank.device))
     gidx = dist.all_gather(indices.to(bank.device, torch.long))
     glabels = None if labels is None else dist.all_gather(labels.to(bank.device, torch.long))
     if update == "before":
         bank.write_gathered(gidx, gfeats.detach(), glabels)
-    out = csl_from_gathered(gfeats, gidx, bank, k=k, scale=scale, nan_to_zero=nan_to_zero)
+    out = csl_from_gathered(gfeats, gidx, bank, k=k, scale=scale, nan_to_zero=nan_to_zero, form=form, tau=tau,
+                            part_reduction=part_reduction)
     if update == "after":
         bank.write_gathered(gidx, gfeats.detach(), glabels)
     return out
@@ -289,6 +339,9 @@ def csl_loss_reference(
     k: int = 10,
     scale: float = 0.02,
     nan_to_zero: bool = False,
+    form: CSLForm = "official",
+    tau: float = 0.02,
+    part_reduction: PartReduction = "mean",
 ) -> CSLOutput:
     """Single-process CSL against a full bank ``P×N×D`` (explicit differences; any float dtype).
 
@@ -296,10 +349,14 @@ def csl_loss_reference(
     """
     num_parts, n, dim = bank_feats.shape
     _check_inputs(feats, indices, num_parts, dim, k)
+    t = _tau_of(form, tau, part_reduction)
     filled = torch.ones(n, dtype=torch.bool, device=bank_feats.device) if filled is None else filled.bool()
     fp = feats.transpose(0, 1)  # P×B×D
-    d = ((fp[:, :, None, :] - bank_feats[:, None, :, :].detach()) ** 2).sum(-1)  # P×B×N
-    logits = -scale * d
+    if t is None:
+        d = ((fp[:, :, None, :] - bank_feats[:, None, :, :].detach()) ** 2).sum(-1)  # P×B×N
+        logits = -scale * d
+    else:
+        logits = torch.einsum("pbd,pnd->pbn", fp, bank_feats.detach()) / t
     valid = filled[None, None, :].expand_as(logits).clone()
     valid[:, torch.arange(feats.shape[0]), indices] = False
     den, _ = _masked_logsumexp(logits, valid, dim=-1)
@@ -312,8 +369,8 @@ def csl_loss_reference(
     ids = torch.where(top_ok, pick, torch.full_like(pick, -1))
     if kk < k:
         ids = torch.cat([ids, ids.new_full((*ids.shape[:2], k - kk), -1)], -1)
-    return CSLOutput(loss=_finish(per, nan_to_zero), neighbour_indices=ids.permute(1, 0, 2).contiguous(),
-                     per_sample=per.t())
+    return CSLOutput(loss=_finish(per, nan_to_zero, part_reduction),
+                     neighbour_indices=ids.permute(1, 0, 2).contiguous(), per_sample=per.t())
 
 
 def communication_bytes(

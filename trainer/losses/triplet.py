@@ -1,4 +1,4 @@
-"""Batch-hard triplet loss as in PAT/TransReID (pat.md §4).
+"""Batch-hard triplet loss as in PAT/TransReID.
 
 Distances are Euclidean ``sqrt(clamp(||a − b||², 1e-12))`` on the un-normalised features. Per
 anchor: hardest positive = the largest distance to a same-ID sample, the anchor itself included
@@ -6,6 +6,10 @@ anchor: hardest positive = the largest distance to a same-ID sample, the anchor 
 to another ID. Soft margin (PAT, ``NO_MARGIN=True``): ``mean log(1 + exp(−(d_an − d_ap)))``
 (``nn.SoftMarginLoss`` with target 1); hard margin: ``mean max(0, d_ap − d_an + margin)``.
 An anchor without any negative contributes ``d_an = +inf`` (zero loss, zero gradient).
+
+``squared=True`` uses the squared distances ``clamp(||a − b||², 1e-12)`` of the paper's Eq. 9 in
+place of their square roots; the mined pairs are the same (the root is monotonic), only the values
+entering the margin change.
 
 Under DDP (``global_batch=True``, the default) each rank's anchors are mined against the whole
 global batch, all-gathered with autograd, so the hardest negative is the one a single process would
@@ -22,10 +26,11 @@ import torch.nn.functional as F
 from trainer import dist
 
 
-def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pairwise ``sqrt(clamp(||x_i||² + ||y_j||² − 2 x_i·y_j, 1e-12))`` (the TransReID expansion)."""
-    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None, :] - 2.0 * x @ y.t()
-    return d2.clamp(min=1e-12).sqrt()
+def euclidean_dist(x: torch.Tensor, y: torch.Tensor, squared: bool = False) -> torch.Tensor:
+    """Pairwise ``sqrt(clamp(||x_i||² + ||y_j||² − 2 x_i·y_j, 1e-12))`` (the TransReID expansion);
+    without the square root when ``squared``."""
+    d2 = ((x * x).sum(1, keepdim=True) + (y * y).sum(1)[None, :] - 2.0 * x @ y.t()).clamp(min=1e-12)
+    return d2 if squared else d2.sqrt()
 
 
 def hard_example_mining(dist: torch.Tensor, labels: torch.Tensor,
@@ -39,10 +44,11 @@ def hard_example_mining(dist: torch.Tensor, labels: torch.Tensor,
 
 
 def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = None,
-                 global_batch: bool = True) -> torch.Tensor:
+                 global_batch: bool = True, squared: bool = False) -> torch.Tensor:
     """Batch-hard triplet on ``feats`` ``B×D``; ``margin=None`` → soft margin (PAT's setting).
 
-    ``global_batch``: under DDP, mine against the all-gathered batch of every rank (collective)."""
+    ``global_batch``: under DDP, mine against the all-gathered batch of every rank (collective).
+    ``squared``: squared Euclidean distances (Eq. 9) instead of Euclidean ones (the code)."""
     if feats.dim() != 2 or labels.shape != (feats.shape[0],):
         raise ValueError(
             f"triplet_loss: feats {tuple(feats.shape)} / labels {tuple(labels.shape)}: expected (B, D), (B,)"
@@ -52,9 +58,9 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None
     f = feats if feats.dtype == torch.float64 else feats.float()
     if global_batch and dist.get_world_size() > 1:
         all_f = dist.all_gather_autograd(f)
-        d_ap, d_an = hard_example_mining(euclidean_dist(f, all_f), labels, dist.all_gather(labels))
+        d_ap, d_an = hard_example_mining(euclidean_dist(f, all_f, squared), labels, dist.all_gather(labels))
     else:
-        d_ap, d_an = hard_example_mining(euclidean_dist(f, f), labels)
+        d_ap, d_an = hard_example_mining(euclidean_dist(f, f, squared), labels)
     diff = d_an - d_ap
     if margin is None:
         return F.softplus(-diff).mean()  # log(1 + exp(−diff)) = SoftMarginLoss(diff, 1)

@@ -27,6 +27,10 @@ were already seen, and images that the PK sampler drops in the init pass are ins
 time they appear in training. Labels follow the same order (the last write of a row sets it);
 :meth:`PartMemoryBank.set_labels` sets them all at once from the dataset instead.
 
+The bank also records the order of first writes (``write_order``): the official bank is a list that
+appends an image the first time it is seen, so a row's position there is its rank in that order.
+``pat.repo_index_bug`` needs those positions to reproduce the official neighbour-label lookup.
+
 Squared row norms are cached (``sqnorms()``; refreshed per written row, fully recomputed after any
 other in-place change of ``feats``) so a CSL step reads the bank once, not twice.
 
@@ -88,6 +92,8 @@ class PartMemoryBank:
         """Owned rows that were written at least once (only those take part in neighbour search)."""
         self.labels = torch.full((self.num_rows,), -1, dtype=torch.long, device=self.device)
         """Identity label of every row (replicated on all ranks); −1 = unknown."""
+        self.write_order = torch.full((self.num_rows,), -1, dtype=torch.long, device=self.device)
+        """Rank of every row in the order of first writes (replicated; −1 = never written)."""
         self._sqnorm = torch.zeros(self.num_parts, self.num_local, dtype=torch.float32, device=self.device)
         self._sqnorm_version = -1  # feats._version the cache matches (−1: stale)
 
@@ -118,6 +124,7 @@ class PartMemoryBank:
         self.feats.zero_()
         self.filled.zero_()
         self.labels.fill_(-1)
+        self.write_order.fill_(-1)
 
     def _check_batch(self, indices: torch.Tensor, feats: torch.Tensor) -> None:
         if indices.dim() != 1 or feats.shape != (indices.shape[0], self.num_parts, self.dim):
@@ -167,6 +174,7 @@ class PartMemoryBank:
         """Apply already-gathered pairs (identical on every rank) to the owned rows. No communication."""
         self._check_batch(indices, feats)
         indices = indices.to(self.device, torch.long)
+        self._record_first_writes(indices)
         if labels is not None:
             # Sequential semantics for labels too: the last occurrence wins (index_put_ with
             # duplicates is unordered, so keep only each index's last position).
@@ -204,6 +212,17 @@ class PartMemoryBank:
             self._sqnorm[:, uniq] = (new * new).sum(-1)
             self._sqnorm_version = self.feats._version
 
+    def _record_first_writes(self, indices: torch.Tensor) -> None:
+        """Give rows written for the first time the next ranks, in gathered order (no host sync)."""
+        if indices.numel() == 0:
+            return
+        pos = torch.arange(indices.numel(), device=self.device)
+        first = torch.full((self.num_rows,), indices.numel(), dtype=torch.long, device=self.device)
+        first.scatter_reduce_(0, indices, pos, "amin")
+        new = (first[indices] == pos) & (self.write_order[indices] < 0)  # first occurrence of an unwritten row
+        rank = self.write_order.max().clamp(min=-1) + torch.cumsum(new.long(), 0)
+        self.write_order.scatter_reduce_(0, indices, torch.where(new, rank, -1), "amax")
+
     def set_labels(self, labels: torch.Tensor) -> None:
         """Set the label of every row at once (``labels``: N int64, e.g. the dataset's relabelled pids)."""
         if labels.shape != (self.num_rows,):
@@ -238,6 +257,7 @@ class PartMemoryBank:
             "feats": self.feats.detach().cpu().clone(),
             "filled": self.filled.cpu().clone(),
             "labels": self.labels.cpu().clone(),
+            "write_order": self.write_order.cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,6 +272,7 @@ class PartMemoryBank:
         self.feats.copy_(state["feats"])
         self.filled.copy_(state["filled"])
         self.labels.copy_(state["labels"])
+        self._load_write_order(state)
 
     @torch.no_grad()
     def full_state_dict(self, to_all: bool = False) -> dict[str, Any] | None:
@@ -280,7 +301,8 @@ class PartMemoryBank:
             filled[s:e] = buf_m.cpu().bool()
         if feats is None:
             return None
-        return {**self._meta(), "feats": feats, "filled": filled, "labels": self.labels.cpu().clone()}
+        return {**self._meta(), "feats": feats, "filled": filled, "labels": self.labels.cpu().clone(),
+                "write_order": self.write_order.cpu().clone()}
 
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         """Load a consolidated bank (any saving world size): each rank copies its own row slice."""
@@ -288,6 +310,18 @@ class PartMemoryBank:
         self.feats.copy_(state["feats"][:, self.start : self.stop])
         self.filled.copy_(state["filled"][self.start : self.stop])
         self.labels.copy_(state["labels"])
+        self._load_write_order(state)
+
+    def _load_write_order(self, state: dict[str, Any]) -> None:
+        """The saved order; a checkpoint from before it was recorded gets dataset order (unknown then)."""
+        if "write_order" in state:
+            self.write_order.copy_(state["write_order"])
+            return
+        if state["filled"].numel() == self.num_rows:
+            filled = state["filled"].to(self.device)
+        else:  # a shard: the replicated order cannot be rebuilt from one rank's rows
+            filled = torch.ones(self.num_rows, dtype=torch.bool, device=self.device)
+        self.write_order.copy_(torch.where(filled, torch.cumsum(filled.long(), 0) - 1, -1))
 
     def __repr__(self) -> str:
         return (

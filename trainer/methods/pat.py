@@ -1,9 +1,11 @@
 """PAT (Part-Aware Transformer, ICCV 2023) as an engine method.
 
-Per step (``reference/pat.md`` §4): forward → bank update with the all-gathered detached part
+Per step (the official step order): forward → bank update with the all-gathered detached part
 tokens → CSL against the sharded bank → PSD soft labels from the neighbours' identities →
 LS-CE(+PSD) + soft-margin triplet + CSL. The bank is filled by one no-grad pass before training
-and travels in every checkpoint (consolidated, so a resume may change the world size).
+and travels in every checkpoint (consolidated, so a resume may change the world size). Without the
+bank (Table 4/5 baselines) the step is LS-CE + triplet; ``pat.sd_weight > 0`` adds conventional
+self-distillation to either (Table 5's "B+SD").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from trainer.data.loader import build_inference_loader, build_train_loader
 from trainer.data.prepare import ensure_datasets
 from trainer.engine.method import Method, StepResult
 from trainer.losses.id import label_smooth_ce
-from trainer.losses.psd import pat_total
+from trainer.losses.psd import pat_total, self_distillation_loss
 from trainer.losses.triplet import triplet_loss
 from trainer.memory.bank import PartMemoryBank
 from trainer.methods.common import evaluate_targets, open_store, open_targets, transforms
@@ -46,6 +48,7 @@ class PATMethod(Method):
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.model, num_classes=self.train_store.num_classes)
+        model.emit_block_logits = self.cfg.pat.sd_weight > 0
         if self.uses_bank:
             self.bank = PartMemoryBank(len(self.train_store), model.num_parts, model.feat_dim,
                                        momentum=self.cfg.pat.memory_momentum)
@@ -90,16 +93,22 @@ class PATMethod(Method):
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         out = model(batch["img"])
         pid = batch["pid"]
+        p = self.cfg.pat
         if self.bank is not None:
-            res = pat_total(out.logits, out.cls, out.parts.float(), pid, batch["index"], self.bank, self.cfg.pat)
+            res = pat_total(out.logits, out.cls, out.parts.float(), pid, batch["index"], self.bank, p, out.blocks)
             logs = {"id": float(res.id.detach()), "tri": float(res.triplet.detach()), "csl": float(res.csl.detach())}
+            if res.sd is not None:
+                logs["sd"] = float(res.sd.detach())
             total = res.total
         else:
-            p = self.cfg.pat
             l_id = label_smooth_ce(out.logits.float(), pid, p.id_epsilon)
-            l_tri = triplet_loss(out.cls.float(), pid, p.triplet_margin)
+            l_tri = triplet_loss(out.cls.float(), pid, p.triplet_margin, squared=p.triplet_squared)
             total = p.id_weight * l_id + p.triplet_weight * l_tri
             logs = {"id": float(l_id.detach()), "tri": float(l_tri.detach())}
+            if p.sd_weight > 0:
+                l_sd = self_distillation_loss(out.logits.float(), out.blocks.float(), p.sd_temperature)
+                total = total + p.sd_weight * l_sd
+                logs["sd"] = float(l_sd.detach())
         logs["acc"] = float((out.logits.argmax(1) == pid).float().mean())
         return StepResult(total, logs)
 

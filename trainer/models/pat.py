@@ -6,7 +6,9 @@ the position table is ``[cls, p_1..p_P, grid]`` and a pretrained cls position se
 boolean mask of :func:`part_attention_mask` (True = may attend; rows are queries, columns keys):
 
 * cls and the patches attend to each other (global attention);
-* cls <-> every part token, both ways;
+* cls <-> every part token, both ways (the official code; without these links, ``cls_part_links=False``,
+  cls attends to itself and the patches only, as the paper's Eq. 3 writes it, and a part to itself
+  and its region only, as Eq. 4 writes it);
 * part p <-> itself and the patches of its region R_p, both ways (region patches see their part);
 * part tokens never see each other.
 
@@ -15,14 +17,20 @@ of disallowed keys ~e^-1000, zeroed afterwards, no renormalisation). A boolean S
 disallowed keys exactly zero weight and normalises over the allowed ones: the intended semantics;
 the two differ by ~e^-1000 relative.
 
-Regions (pat.md §1.3, generalised to an H x W grid and P parts): band p has height H/2 (floor) and
+Regions (the official code's, generalised to an H x W grid and P parts): band p has height H/2 (floor) and
 top T_p = round(p (H - H/2) / (P - 1)) (0, 4, 8 for P=3, H=16; the centred band for P=1).
 ``random`` reproduces the official draw: two distinct columns from {0..W} and two distinct rows from
 {T_p..T_p+H/2}, each pair sorted, the inclusive rectangle clipped to the grid; one draw per forward,
 shared by the whole batch and all blocks. ``fixed`` is the full band: rows T_p..T_p+H/2-1 and every
 column. (The official commented-out test line spans rows T_p..T_p+H/2 inclusive, one row too many;
 ``fixed_band_extra_row=True`` reproduces it.) The draw uses a ``torch.Generator`` owned by the model
-(its state rides in ``state_dict`` as extra state), so runs are reproducible and resumable.
+(its state rides in ``state_dict`` as extra state), so runs are reproducible and resumable. At
+256x128 (a 16x8 grid) the full bands are three overlapping 8x8 squares: the paper's "three
+overlapping square areas along the vertical direction" (§3.1) are ``part_regions="fixed"``.
+
+For conventional self-distillation (PAT Table 5's "B+SD") a model with ``emit_block_logits = True``
+(set by the method) also returns, in training, the classifier's logits for the cls token of every
+block but the last (:attr:`ModelOutput.blocks`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,10 @@ class ModelOutput(NamedTuple):
     """B x D last-layer cls token after the final LayerNorm, before the BN-neck (triplet feature)."""
     parts: torch.Tensor | None
     """B x P x D last-layer part tokens after the final LayerNorm (CSL/PSD features); None without parts."""
+    blocks: torch.Tensor | None = None
+    """(L-1) x B x C logits of blocks 1..L-1's cls token through the final LayerNorm and the BN-neck
+    classifier (this batch's BN statistics; running statistics untouched); None unless
+    ``emit_block_logits``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +130,11 @@ def region_membership(grid: tuple[int, int], regions: list[PartRegion], device: 
     return (r >= box[:, :1]) & (r <= box[:, 1:2]) & (c >= box[:, 2:3]) & (c <= box[:, 3:4])
 
 
-def part_attention_mask(grid: tuple[int, int], regions: list[PartRegion], device: torch.device | None = None) -> torch.Tensor:
-    """N x N bool attention mask over ``[cls, p_1..p_P, patches]`` (N = 1 + P + H*W; True = attend)."""
+def part_attention_mask(grid: tuple[int, int], regions: list[PartRegion], device: torch.device | None = None,
+                        cls_part_links: bool = True) -> torch.Tensor:
+    """N x N bool attention mask over ``[cls, p_1..p_P, patches]`` (N = 1 + P + H*W; True = attend).
+
+    ``cls_part_links=False`` removes the cls <-> part entries (the paper's Eq. 3 and 4)."""
     num_parts = len(regions)
     num_patches = grid[0] * grid[1]
     n = 1 + num_parts + num_patches
@@ -129,8 +144,8 @@ def part_attention_mask(grid: tuple[int, int], regions: list[PartRegion], device
     glob[1 : 1 + num_parts] = False
     mask |= glob[:, None] & glob[None, :]  # cls <-> patches
     parts = slice(1, 1 + num_parts)
-    mask[parts, 0] = True  # part -> cls
-    mask[0, parts] = True  # cls -> part
+    mask[parts, 0] = cls_part_links  # part -> cls
+    mask[0, parts] = cls_part_links  # cls -> part
     idx = torch.arange(1, 1 + num_parts, device=device)
     mask[idx, idx] = True  # part -> itself (not the other parts)
     mask[parts, 1 + num_parts :] = member  # part -> its region
@@ -177,6 +192,26 @@ def _freeze_patch_embed(backbone: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def neck_logits_batch_stats(head: BNNeck, feats: torch.Tensor) -> torch.Tensor:
+    """``classifier(BN(feats))`` with this batch's BN statistics, leaving the running statistics as they
+    are: earlier blocks' features must not move the test-time statistics of the final feature. Works for
+    the BN the engine may have swapped in (SyncBatchNorm, GlobalBatchNorm), which honour the same flag."""
+    if head.classifier is None:
+        raise RuntimeError("block logits need a classifier: build the model with num_classes > 0")
+    bn = head.bn
+    keep = bn.track_running_stats
+    bn.track_running_stats = False  # training-mode BN then normalises with batch statistics and stores none
+    try:
+        return head.classifier(bn(feats))
+    finally:
+        bn.track_running_stats = keep
+
+
+def _block_logits(head: BNNeck, block_cls: list[torch.Tensor]) -> torch.Tensor:
+    """(L-1) x B x C: each block's (LayerNorm-ed) cls through the neck, one BN batch per block."""
+    return torch.stack([neck_logits_batch_stats(head, c) for c in block_cls])
+
+
 @register_model("pat")
 class PartAwareTransformer(nn.Module):
     """PAT: ViT + P part tokens + part-aware attention + BN-neck head.
@@ -207,19 +242,27 @@ class PartAwareTransformer(nn.Module):
         self.head = BNNeck(self.feat_dim, num_classes)
         if cfg.freeze_patch_embed:
             _freeze_patch_embed(self.backbone)
+        # ModelConfig.cls_part_links (True = the official links); read with a default so that a config
+        # object from before the field existed builds the official model.
+        self.cls_part_links = cfg.cls_part_links
+        self.emit_block_logits = False
+        """Training forward also returns :attr:`ModelOutput.blocks` (set by a method that needs them)."""
         self._fixed_masks: dict[torch.device, torch.Tensor] = {}
 
     def attention_mask(self, device: torch.device) -> torch.Tensor:
         """The mask for the next forward pass (draws new regions in ``random`` mode)."""
         mode = self.cfg.part_regions if self.training else self.cfg.test_part_regions
+        links = self.cls_part_links
         if mode == "fixed":
             if device not in self._fixed_masks:
-                self._fixed_masks[device] = part_attention_mask(self.grid, self.regions.sample("fixed"), device)
+                self._fixed_masks[device] = part_attention_mask(self.grid, self.regions.sample("fixed"), device, links)
             return self._fixed_masks[device]
-        return part_attention_mask(self.grid, self.regions.sample(mode), device)
+        return part_attention_mask(self.grid, self.regions.sample(mode), device, links)
 
-    def forward_tokens(self, img: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """B x (1+P+H*W) x D tokens after the last block and the final LayerNorm."""
+    def forward_tokens(self, img: torch.Tensor, attn_mask: torch.Tensor | None,
+                       block_cls: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """B x (1+P+H*W) x D tokens after the last block and the final LayerNorm; appends to ``block_cls``
+        (when given) the LayerNorm-ed cls token after each block but the last."""
         bb = self.backbone
         x = bb.patch_embed(img)
         batch = x.shape[0]
@@ -228,19 +271,24 @@ class PartAwareTransformer(nn.Module):
         )
         x = torch.cat([prefix, x], dim=1) + bb.pos_embed
         x = bb.norm_pre(bb.pos_drop(x))
-        for blk in bb.blocks:
+        last = len(bb.blocks) - 1
+        for i, blk in enumerate(bb.blocks):
             x = masked_block_forward(blk, x, attn_mask)
+            if block_cls is not None and i < last:
+                block_cls.append(bb.norm(x[:, 0]))  # LayerNorm is per token: the cls row of norm(x)
         return bb.norm(x)
 
     def forward(self, img: torch.Tensor) -> ModelOutput | torch.Tensor:
-        tokens = self.forward_tokens(img, self.attention_mask(img.device))
+        block_cls: list[torch.Tensor] | None = [] if self.training and self.emit_block_logits else None
+        tokens = self.forward_tokens(img, self.attention_mask(img.device), block_cls)
         cls = tokens[:, 0]
         feat_bn, logits = self.head(cls)
         if not self.training:
             return feat_bn if self.cfg.neck_feat == "after" else cls
         if logits is None:
             raise RuntimeError("training forward needs a classifier: build the model with num_classes > 0")
-        return ModelOutput(logits=logits, cls=cls, parts=tokens[:, 1 : 1 + self.num_parts])
+        blocks = None if block_cls is None else _block_logits(self.head, block_cls)
+        return ModelOutput(logits=logits, cls=cls, parts=tokens[:, 1 : 1 + self.num_parts], blocks=blocks)
 
 
 @register_model("vit")
@@ -257,12 +305,23 @@ class ViTBaseline(nn.Module):
         self.head = BNNeck(self.feat_dim, num_classes)
         if cfg.freeze_patch_embed:
             _freeze_patch_embed(self.backbone)
+        self.emit_block_logits = False
+        """Training forward also returns :attr:`ModelOutput.blocks` (set by a method that needs them)."""
 
     def forward(self, img: torch.Tensor) -> ModelOutput | torch.Tensor:
-        cls = self.backbone.forward_features(img)[:, 0]
+        blocks = None
+        if self.training and self.emit_block_logits:
+            # timm's own per-block pass (the same ops as forward_features) keeps every block's tokens
+            final, per_block = self.backbone.forward_intermediates(img, return_prefix_tokens=True, output_fmt="NLC")
+            cls = final[:, 0]
+            block_cls = [self.backbone.norm(prefix[:, 0]) for _, prefix in per_block[:-1]]
+        else:
+            cls = self.backbone.forward_features(img)[:, 0]
         feat_bn, logits = self.head(cls)
         if not self.training:
             return feat_bn if self.cfg.neck_feat == "after" else cls
         if logits is None:
             raise RuntimeError("training forward needs a classifier: build the model with num_classes > 0")
-        return ModelOutput(logits=logits, cls=cls, parts=None)
+        if self.emit_block_logits:
+            blocks = _block_logits(self.head, block_cls)
+        return ModelOutput(logits=logits, cls=cls, parts=None, blocks=blocks)

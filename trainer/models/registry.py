@@ -52,6 +52,9 @@ class ModelConfig:
     """Seed of the region generator (the same on every rank, so every rank draws the same regions)."""
     tie_part_tokens: bool = False
     """True: all part tokens share one parameter (the published-era code used ``part_token1`` for all three)."""
+    cls_part_links: bool = True
+    """cls <-> part-token attention, both ways (the official code); False = the paper's Eq. 3-4: the cls
+    token attends to itself and the image tokens, a part token to itself and its region."""
     freeze_patch_embed: bool = True
     """Freeze the patch-embedding conv (PAT's FREEZE_PATCH_EMBED, the MoCo v3 trick)."""
     neck_feat: str = "before"
@@ -77,32 +80,40 @@ class ModelConfig:
     = the cls token of branch 1/2/... alone (TMGF5 / TMGF6)."""
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        if self.part_regions not in REGION_MODES:
-            raise ValueError(f"model.part_regions={self.part_regions!r}; expected one of {REGION_MODES}")
-        if self.test_part_regions not in REGION_MODES:
-            raise ValueError(f"model.test_part_regions={self.test_part_regions!r}; expected one of {REGION_MODES}")
-        if self.neck_feat not in NECK_FEATS:
-            raise ValueError(f"model.neck_feat={self.neck_feat!r}; expected one of {NECK_FEATS}")
-        if self.num_parts < 0:
-            raise ValueError(f"model.num_parts={self.num_parts}; expected >= 0")
-        if len(tuple(self.img_size)) != 2:
-            raise ValueError(f"model.img_size={self.img_size!r}; expected (height, width)")
-        if self.pretrained_grid is not None and len(tuple(self.pretrained_grid)) != 2:
-            raise ValueError(f"model.pretrained_grid={self.pretrained_grid!r}; expected (rows, cols) or None")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"model.drop_path_rate={self.drop_path_rate}; expected in [0, 1)")
-        if self.num_cams < 0:
-            raise ValueError(f"model.num_cams={self.num_cams}; expected >= 0")
-        if not self.cam_embed_coef >= 0.0:
-            raise ValueError(f"model.cam_embed_coef={self.cam_embed_coef}; expected >= 0")
-        if self.tmgf_stem not in TMGF_STEMS:
-            raise ValueError(f"model.tmgf_stem={self.tmgf_stem!r}; expected one of {TMGF_STEMS}")
-        if any(int(g) < 1 for g in self.tmgf_granularities):
-            raise ValueError(f"model.tmgf_granularities={list(self.tmgf_granularities)}; expected stripe counts >= 1")
-        glob = self.tmgf_global
-        if glob != "mean" and not (glob.startswith("cls") and glob[3:].isdigit() and int(glob[3:]) >= 1):
-            raise ValueError(f"model.tmgf_global={glob!r}; expected 'mean' or 'cls<branch>' (cls1, cls2, ...)")
+        """Raise ValueError naming the first bad field as ``model.<field>=<value>: expected <what>``.
+
+        Only what this object alone decides; the registered names (``name``, ``backbone``) are checked
+        by ``build_model`` and ``trainer.config.validate``, whether ``pretrained`` exists by
+        ``trainer.config.check_files`` (a config may name a file that another run will write)."""
+        from .weights import SUFFIXES  # the formats read_state_dict reads
+
+        size, grid, glob = tuple(self.img_size), self.pretrained_grid, self.tmgf_global
+        branch = int(glob[3:]) if glob.startswith("cls") and glob[3:].isdigit() else 0
+        # as TMGF builds its branches: one per granularity with duplication, else one shared
+        branches = max(1, len(self.tmgf_granularities)) if self.tmgf_duplicate_last_block else 1
+        min_parts = 1 if self.name == "pat" else 0  # PAT's part-aware attention needs a part token
+        checks = [
+            ("img_size", len(size) == 2 and min(size) > 0, "(height, width), both > 0"),
+            ("pretrained", not self.pretrained or self.pretrained.lower().endswith(SUFFIXES),
+             f"null or a weight file ending in one of {SUFFIXES}"),
+            ("pretrained_grid", grid is None or (len(tuple(grid)) == 2 and min(grid) > 0),
+             "null (inferred) or (rows, cols), both > 0"),
+            ("drop_path_rate", 0.0 <= self.drop_path_rate < 1.0, "in [0, 1)"),
+            ("num_parts", self.num_parts >= min_parts,
+             ">= 1 (PAT needs a part token)" if min_parts else ">= 0"),
+            ("part_regions", self.part_regions in REGION_MODES, f"one of {REGION_MODES}"),
+            ("test_part_regions", self.test_part_regions in REGION_MODES, f"one of {REGION_MODES}"),
+            ("neck_feat", self.neck_feat in NECK_FEATS, f"one of {NECK_FEATS}"),
+            ("num_cams", self.num_cams >= 0, ">= 0 (0: set from the data)"),
+            ("cam_embed_coef", self.cam_embed_coef >= 0.0, ">= 0"),
+            ("tmgf_stem", self.tmgf_stem in TMGF_STEMS, f"one of {TMGF_STEMS}"),
+            ("tmgf_granularities", all(int(g) >= 1 for g in self.tmgf_granularities), "stripe counts >= 1"),
+            ("tmgf_global", glob == "mean" or 1 <= branch <= branches,
+             f"'mean' or cls1..cls{branches} (one per branch of tmgf_granularities / tmgf_duplicate_last_block)"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected {expected}")
 
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]

@@ -90,7 +90,7 @@ from torch import nn
 from .backbones import build_vit, grid_size
 from .heads import frozen_bias_bn
 from .registry import ModelConfig, register_model
-from .weights import LoadReport, fit_errors, load_pretrained, read_state_dict
+from .weights import LoadReport, WeightsError, fit_errors, load_pretrained, read_state_dict
 
 TMGF_VARIANTS: Mapping[str, Mapping[str, Any]] = {
     "tmgf": {},
@@ -334,8 +334,9 @@ class TMGF(nn.Module):
         own = self.state_dict()
         misfit = fit_errors(own, state, ignore=_CAMERA_KEYS)
         if misfit:
-            raise ValueError(f"{path}: a TMGF checkpoint that does not fit this TMGF model "
-                             f"(same backbone, img_size, granularities and variant needed); {misfit}")
+            raise WeightsError(f"{path}: a TMGF checkpoint that does not fit this TMGF model ({misfit}); pass a TMGF "
+                               "model of the same backbone, img_size, granularities and variant, or model.pretrained="
+                               "'' to train from scratch")
         for key, value in state.items():
             if key in _CAMERA_KEYS:
                 report.skipped.append(key)
