@@ -18,10 +18,10 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m trainer.demo
+	$(PY) -m demo
 
 tmgf-demo: $(STAMP)
-	$(PY) -m trainer.tmgf_demo
+	$(PY) -m demo.tmgf
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

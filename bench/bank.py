@@ -5,7 +5,7 @@ backward against the whole bank.
 
 - ``ours``: :class:`trainer.memory.PartMemoryBank` (preallocated ``P×N×D`` fp32 tensor on the
   compute device, index-addressed) + :func:`trainer.losses.csl_step` (streamed LSE/top-k).
-- ``official``: a restatement of the repo's per-step handling (pat.md §2.1–2.2): the bank is a
+- ``official``: a restatement of the repo's per-step handling (docs/methods/pat.md §Memory bank, §CSL): the bank is a
   python list of per-image ``3×768`` CPU tensors keyed by path strings (``in``/``list.index``
   lookups, pop/insert on update), the whole list is ``torch.stack``-ed and copied to the device
   every step, and the loss builds the full ``B×N`` distance matrix per part, removes the sample

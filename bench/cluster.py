@@ -1,4 +1,4 @@
-"""Clustering step: scalable ``trainer.cluster.jaccard_dbscan`` vs the dense official restatement.
+"""Clustering step: scalable ``trainer.cluster.pipeline.jaccard_dbscan`` vs the dense official restatement.
 
     python bench/cluster.py            # N = 8k, 16k, 32,621 (both) and 100k, 200k (ours only)
     python bench/cluster.py --quick    # N = 2k, 4k (both) and 10k (ours only)
@@ -64,7 +64,7 @@ def worker(variant: str, feats: str, out: str, threads: int) -> None:
     sys.path.insert(0, ROOT)
     import sklearn.cluster  # noqa: F401  (imports outside the timed region, for both variants)
 
-    from trainer.cluster import jaccard_dbscan
+    from trainer.cluster.pipeline import jaccard_dbscan
     from trainer.cluster.reference import reference_jaccard_dbscan
 
     x = np.load(feats)

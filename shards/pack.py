@@ -49,8 +49,10 @@ from pathlib import Path
 
 from shards.errors import CliParser, UserError, run_cli
 from shards.layouts import LAYOUTS, detect_msmt17_variant, parse
+from shards.atomic import fsync_dir
 from shards.records import (
-    MANIFEST, SPLITS, Manifest, Record, SampleMeta, ShardInfo, SkippedFile, SplitInfo, fsync_dir, sample_key,
+    IMAGE_MEMBERS, MANIFEST, SPLITS, Manifest, Record, SampleMeta, ShardInfo, SkippedFile, SplitInfo, member_name,
+    sample_key,
 )
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
@@ -68,8 +70,6 @@ _SIZE, _CHKSUM = slice(124, 136), slice(148, 156)
 
 _MAGIC = {"jpg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
 """Leading bytes of each stored image type; ``.jpeg`` files are stored under ``jpg``."""
-_PIL_FORMAT = {"jpg": "JPEG", "png": "PNG"}
-"""Member extension → the format Pillow must report for it."""
 _CHUNK = 64
 """Images per decode task: large enough that the task's round trip is small beside the decoding."""
 PARALLEL_MIN = 256
@@ -115,10 +115,10 @@ def check_image(path: str | os.PathLike[str]) -> tuple[bytes | None, str]:
         if ext == "png":  # chunk CRCs, which load() does not check (verify() needs an image of its own)
             with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
                 im.verify()
-        with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[ext]]) as im:
+        with Image.open(io.BytesIO(data), formats=[IMAGE_MEMBERS[ext]]) as im:
             im.load()
     except UnidentifiedImageError:  # its message holds a memory address: not reproducible
-        return None, f"not a readable {_PIL_FORMAT[ext]} image"
+        return None, f"not a readable {IMAGE_MEMBERS[ext]} image"
     except Exception as exc:  # Pillow raises many types for bad data; all mean the same here
         return None, " ".join(str(exc).split()) or type(exc).__name__
     return data, ext
@@ -258,7 +258,7 @@ class _ShardWriter:
         index = len(self.records)  # over the packed images: skipped ones leave no gap
         key = sample_key(self.split, index)
         meta = meta_json(SampleMeta(rec.pid, rec.camid, self.split, index, rec.relpath))
-        members = sorted([(f"{key}.{ext}", data), (f"{key}.json", meta)])  # TarWriter's order
+        members = sorted([(member_name(key, ext), data), (member_name(key, "json"), meta)])  # TarWriter's order
         size = sum(_member_bytes(len(b)) for _, b in members)
         if self._file is not None and index > self._first and self._offset + size + _END_OF_ARCHIVE > self.shard_bytes:
             self._close()

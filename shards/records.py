@@ -15,6 +15,9 @@ SPLITS = ("train", "query", "gallery")
 """Split names, in packing order."""
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 """File endings treated as images by parsers and the packer; everything else is ignored."""
+IMAGE_MEMBERS = {"jpg": "JPEG", "png": "PNG"}
+"""Image member extension of a packed sample → the format its bytes hold (Pillow's name). The packer
+writes exactly these (``.jpeg`` files as ``jpg``); every reader of a pack accepts exactly these."""
 MANIFEST = "manifest.json"
 
 
@@ -47,6 +50,21 @@ class SampleMeta:
 def sample_key(split: str, index: int) -> str:
     """The webdataset ``__key__`` of a sample (no dots: webdataset splits keys on them)."""
     return f"{split}_{index:08d}"
+
+
+def member_name(key: str, ext: str) -> str:
+    """The tar member holding a sample's ``ext`` part: ``<key>.<ext>``."""
+    return f"{key}.{ext}"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``<key>.<ext>`` → ``(key, ext)``: the key ends at the first dot, where webdataset and wids end
+    it too, so all readers group members into the same samples. ``ValueError`` for a name that is not
+    of that form (no dot, an empty key or extension, or a folder: packs have none)."""
+    key, dot, ext = name.partition(".")
+    if not dot or not key or not ext or "/" in name:
+        raise ValueError(f"member name {name!r} is not '<key>.<ext>'")
+    return key, ext
 
 
 @dataclass
@@ -131,22 +149,3 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise FileNotFoundError(f"{path}: no shard manifest (pack the dataset with `python -m shards.pack`)")
     return Manifest.from_json(path.read_text(), source=str(path))
 
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flush a directory entry (after a rename into it) so the rename survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

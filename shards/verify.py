@@ -3,12 +3,13 @@
     python -m shards.verify DIR [--no-decode]
 
 Checks that every listed shard exists with the listed size and sha256, that the shard list covers
-each split with contiguous indices, that every tar reads to its end-of-archive marker (a truncated
-tar is an error even when its hash was updated), and that each sample has exactly one image and one
-``json`` member with the expected key, split and index and a camera inside the split's range; the
-per-split counts, #pids and #cams must match the manifest. With ``decode`` every image is decoded
-with Pillow, which catches corrupt image bytes that a correct hash cannot (the CLI decodes by
-default; the function does not, so the loader's check at start-up stays I/O bound).
+each split with contiguous indices, and reads every shard as the stores do (:mod:`shards.reader`:
+header checksums, the end-of-archive marker — a truncated tar is an error even when its hash was
+updated —, exactly one image and one ``json`` member per sample with the expected key, split and
+index); cameras must lie inside the split's range, and the per-split counts, #pids and #cams must
+match the manifest. With ``decode`` every image is decoded with Pillow, which catches corrupt image
+bytes that a correct hash cannot (the CLI decodes by default; the function does not, so the
+loader's check at start-up stays I/O bound).
 
 Every failure is a :class:`VerifyError`: one line naming the shard and, where it applies, the key,
 ending with what to do (pack again). The files ``pack --skip-bad`` left out are listed in the
@@ -18,28 +19,21 @@ output: they are not in the pack, which is not an error.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
-import json
 import os
 import sys
-import tarfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.errors import CliParser, UserError, run_cli
-from shards.pack import file_sha256, summary
-from shards.records import MANIFEST, SPLITS, Manifest, SampleMeta, ShardInfo, read_manifest, sample_key
-
-IMAGE_MEMBERS = {"jpg": "JPEG", "png": "PNG"}
-"""Image member extension → the format Pillow must report for it."""
-_META_FIELDS = {f.name for f in fields(SampleMeta)}
-_BLOCK = 512
-REPACK = "pack the dataset again (python -m shards.pack … --overwrite) or copy the pack again"
-"""The fix of every mismatch between a pack and its manifest."""
+from shards.errors import CliParser, run_cli
+from shards.pack import summary
+from shards.reader import REPACK, ShardError, ShardSample, read_samples
+from shards.records import IMAGE_MEMBERS, MANIFEST, SPLITS, Manifest, ShardInfo, read_manifest
 
 
-class VerifyError(UserError):
+class VerifyError(ShardError):
     """A pack does not match its manifest (or its images do not decode)."""
 
 
@@ -48,10 +42,6 @@ class _SplitStats:
     count: int = 0
     pids: set[int] = field(default_factory=set)
     max_cam: int = -1
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def check_manifest(manifest: Manifest, where: str) -> None:
@@ -79,7 +69,7 @@ def check_manifest(manifest: Manifest, where: str) -> None:
             raise VerifyError(f"{where}: the {split} shards hold {expected} samples, the split says count={info.count}")
 
 
-def _check_image(where: str, ext: str, data: bytes) -> None:
+def _check_image(where: str, ext: str, data: bytes | memoryview) -> None:
     from PIL import Image  # only here: the structural checks need no Pillow
 
     try:
@@ -94,91 +84,19 @@ def _check_image(where: str, ext: str, data: bytes) -> None:
         raise VerifyError(f"{where}: .{ext} member decodes as {fmt}, expected {IMAGE_MEMBERS[ext]}")
 
 
-def _check_sample(
-    where: str, key: str, members: dict[str, bytes], shard: ShardInfo, index: int, num_cams: int, decode: bool
-) -> SampleMeta:
-    images = [ext for ext in members if ext in IMAGE_MEMBERS]
-    if set(members) - set(IMAGE_MEMBERS) != {"json"} or len(images) != 1:
-        raise VerifyError(f"{where}: members {sorted(members)}; expected 'json' and one of {sorted(IMAGE_MEMBERS)}")
-    try:
-        raw = json.loads(members["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerifyError(f"{where}: json member is not JSON ({exc})") from None
-    if not isinstance(raw, dict) or set(raw) != _META_FIELDS:
-        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise VerifyError(f"{where}: json has fields {got}; expected {sorted(_META_FIELDS)}")
-    meta = SampleMeta(**raw)
-    if meta.split != shard.split or meta.index != index:
-        raise VerifyError(
-            f"{where}: json says split={meta.split!r} index={meta.index!r}; expected {shard.split!r} {index}"
-        )
-    if not _is_int(meta.pid) or meta.pid < 0:
-        raise VerifyError(f"{where}: pid={meta.pid!r}; expected an int >= 0")
-    if not _is_int(meta.camid) or not 0 <= meta.camid < num_cams:
-        raise VerifyError(f"{where}: camid={meta.camid!r}; expected an int in 0..{num_cams - 1}")
-    if not isinstance(meta.relpath, str) or not meta.relpath:
-        raise VerifyError(f"{where}: relpath={meta.relpath!r}; expected a non-empty string")
-    if decode:
-        _check_image(where, images[0], members[images[0]])
-    return meta
-
-
-def check_shard(path: Path, shard: ShardInfo, num_cams: int, decode: bool, stats: _SplitStats) -> None:
-    """Read one shard to its end and check every sample; ``path`` already matches size and sha256."""
-    samples = 0
-    key: str | None = None
-    members: dict[str, bytes] = {}
-
-    def finish() -> None:
-        nonlocal samples
-        index = shard.first_index + samples
-        expected = sample_key(shard.split, index)
-        where = f"{path}: sample {key}"
-        if key != expected:
-            raise VerifyError(f"{where}: expected key {expected} (samples must be contiguous, in index order)")
-        meta = _check_sample(where, key, members, shard, index, num_cams, decode)
-        stats.pids.add(meta.pid)
-        stats.max_cam = max(stats.max_cam, meta.camid)
-        samples += 1
-
-    last = ""  # the last member read whole: where a truncation is reported
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                where = f"{path}: member {info.name}"
-                if not info.isfile():
-                    raise VerifyError(f"{where}: not a regular file")
-                base, dot, ext = info.name.partition(".")
-                if not dot or "/" in info.name or not ext:
-                    raise VerifyError(f"{where}: name is not '<key>.<ext>'")
-                if base != key:
-                    if key is not None:
-                        finish()
-                    key, members = base, {}
-                if ext in members:
-                    raise VerifyError(f"{path}: sample {key}: member .{ext} appears twice")
-                f = tar.extractfile(info)
-                assert f is not None
-                members[ext] = f.read()
-                last = info.name
-            end = tar.offset
-    except tarfile.TarError as exc:
-        at = f" after member {last}" if last else " at its start"
-        raise VerifyError(f"{path}: unreadable tar{at} ({exc}); truncated or corrupt") from None
-    if key is not None:
-        finish()
-    # tarfile stops quietly at a short read or a garbled header between members: insist that only
-    # the end-of-archive blocks (zeros, padded to at most one 10 KiB record) follow the last member
-    with open(path, "rb") as f:
-        f.seek(end)
-        tail = f.read(1 << 16)
-        at_eof = not f.read(1)
-    if len(tail) < 2 * _BLOCK or tail.count(0) != len(tail) or not at_eof:
-        at = f" after member {last}" if last else ""
-        raise VerifyError(f"{path}: no end-of-archive marker{at}; the tar is truncated or corrupt")
-    if samples != shard.count:
-        raise VerifyError(f"{path}: {samples} samples, manifest.json says count={shard.count}")
-    stats.count += samples
+def check_shard(path: Path, data: bytes, shard: ShardInfo, num_cams: int, decode: bool) -> list[ShardSample]:
+    """The samples of one shard (its bytes ``data``, whose size and sha256 match), read as the stores
+    read them; besides, cameras must lie in the split's range and, with ``decode``, images decode."""
+    buf = memoryview(data)
+    samples = []
+    for sample in read_samples(path, buf, shard):
+        where = f"{path}: sample {sample.key}"
+        if sample.meta.camid >= num_cams:
+            raise VerifyError(f"{where}: camid={sample.meta.camid!r}; expected an int in 0..{num_cams - 1}")
+        if decode:
+            _check_image(where, sample.image_ext, sample.image.data(buf))
+        samples.append(sample)
+    return samples
 
 
 def verify(folder: str | os.PathLike[str], decode: bool = False) -> Manifest:
@@ -193,7 +111,7 @@ def verify(folder: str | os.PathLike[str], decode: bool = False) -> Manifest:
         raise VerifyError(f"{exc}; {REPACK}") from None
     try:
         _verify_pack(folder, manifest, decode)
-    except VerifyError as exc:
+    except ShardError as exc:  # VerifyError included
         raise VerifyError(f"{exc}; {REPACK}") from None
     except PermissionError as exc:
         raise VerifyError(f"{exc.filename}: cannot read it ({exc.strerror}); fix its permissions") from None
@@ -211,10 +129,15 @@ def _verify_pack(folder: Path, manifest: Manifest, decode: bool) -> None:
         size = path.stat().st_size
         if size != shard.bytes:
             raise VerifyError(f"{path}: {size} bytes, manifest.json says {shard.bytes} (truncated or replaced?)")
-        digest = file_sha256(path)
+        data = path.read_bytes()  # one shard in RAM at a time, as the stores read it
+        digest = hashlib.sha256(data).hexdigest()
         if digest != shard.sha256:
             raise VerifyError(f"{path}: sha256 {digest[:16]}… does not match manifest.json's {shard.sha256[:16]}…")
-        check_shard(path, shard, manifest.splits[shard.split].num_cams, decode, stats[shard.split])
+        samples = check_shard(path, data, shard, manifest.splits[shard.split].num_cams, decode)
+        st = stats[shard.split]
+        st.count += len(samples)
+        st.pids.update(s.meta.pid for s in samples)
+        st.max_cam = max([st.max_cam] + [s.meta.camid for s in samples])
     for split, info in manifest.splits.items():
         st = stats[split]
         got = (st.count, len(st.pids), st.max_cam + 1)

@@ -108,8 +108,8 @@ ROWS = [
              names=("train.resume=", "nowhere", "no state.pt"), fix=("train.resume=auto",)),
     BadInput("bench-bad-argument", [str(REPO / "bench" / "bank.py"), "--batch", "0"],
              names=("bench/bank.py: error:", "--batch", "'0'"), fix=("expected an integer >= 1",)),
-    BadInput("tmgf-demo-flag", ["-m", "trainer.tmgf_demo", "--epochs", "3"],
-             names=("trainer.tmgf_demo: error:", "--epochs"), fix=("key=value", "train.epochs=")),
+    BadInput("tmgf-demo-flag", ["-m", "demo.tmgf", "--epochs", "3"],
+             names=("demo.tmgf: error:", "--epochs"), fix=("key=value", "train.epochs=")),
 ]
 
 
@@ -127,7 +127,7 @@ def test_bad_input(row: BadInput, tmp_path: Path) -> None:
 ])
 def test_tmgf_demo_exits_3_when_an_acceptance_bar_fails(gain: float, ratio: float, ok: bool,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.tmgf_demo import ACCEPTANCE_FAILED, acceptance, demo_status
+    from demo.tmgf import ACCEPTANCE_FAILED, acceptance, demo_status
 
     numbers = {"mAP_gain_points": gain, "clusters_over_true_ids": ratio}
     passed, text = acceptance(numbers)
@@ -138,7 +138,7 @@ def test_tmgf_demo_exits_3_when_an_acceptance_bar_fails(gain: float, ratio: floa
 
 
 def test_pat_demo_labels_the_target_selected_epoch_as_an_oracle() -> None:
-    from trainer.demo import results_table
+    from demo.pat import results_table
 
     m = {"mAP": 0.35, "R1": 0.42, "R5": 0.73, "mINP": 0.19}
     end = {"initial": {"demo_b": dict(m, mAP=0.04)}, "last": {"demo_b": dict(m, mAP=0.30)},

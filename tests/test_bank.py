@@ -15,7 +15,7 @@ B_GLOBAL, STEPS, INIT_BATCH = 8, 3, 5  # init: 31 rows in global batches of 5 �
 
 
 def naive_write(feats, filled, indices, new, momentum):
-    """pat.md §2.1 / Eq. 5 as a python loop over the pairs in order (float64)."""
+    """docs/methods/pat.md §Memory bank / Eq. 5 as a python loop over the pairs in order (float64)."""
     feats, filled = feats.double().clone(), filled.clone()
     for t in range(indices.shape[0]):
         j = int(indices[t])

@@ -10,7 +10,9 @@ import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
 from tests.mp import run_distributed
-from trainer.cluster import dbscan_edges, exact_knn, jaccard_dbscan, snap_features
+from trainer.cluster.dbscan import dbscan_edges
+from trainer.cluster.knn import exact_knn, snap_features
+from trainer.cluster.pipeline import jaccard_dbscan
 from trainer.cluster.jaccard import encode, expansion_sets, jaccard_edges, jaccard_pairs, query_expansion
 from trainer.cluster.reference import reference_jaccard, reference_jaccard_dbscan
 

@@ -10,8 +10,9 @@ import pytest
 
 from trainer.config import (
     CONFIG_DIR, Config, ConfigError, DataConfig, EvalConfig, OptimConfig, PATConfig, TMGFConfig, TrainConfig,
-    check_files, compose,
+    TransformConfig, compose,
 )
+from trainer.train import check_files
 
 EXPS = sorted(p.stem for p in (CONFIG_DIR / "exp").glob("*.yaml"))
 
@@ -72,7 +73,7 @@ BAD_VALUES = [
     # choices
     ("method=foo", "method='foo': expected one of ('pat', 'tmgf')"),
     ("data.store=bogus", "data.store='bogus': expected one of ('memory', 'wids')"),
-    ("data.norm=foo", "data.norm='foo': expected one of ('imagenet', 'vit_jx', 'luperson')"),
+    ("data.transform.norm=foo", "data.transform.norm='foo': expected one of ('imagenet', 'vit_jx', 'luperson')"),
     ("train.precision=fp8", "train.precision='fp8': expected one of ('auto', 'fp32', 'bf16', 'fp16')"),
     ("train.optim.name=lamb", "train.optim.name='lamb': expected one of ('sgd', 'adam')"),
     ("train.optim.schedule=linear",
@@ -90,7 +91,7 @@ BAD_VALUES = [
     ("train.ckpt_every_epochs=0", "train.ckpt_every_epochs=0: expected >= 1"),
     ("train.metrics_port=70000",
      "train.metrics_port=70000: expected -1 (off), 0 (any free port) or a port in 1..65535"),
-    ("data.flip_p=1.5", "data.flip_p=1.5: expected a probability in [0, 1]"),
+    ("data.transform.flip_p=1.5", "data.transform.flip_p=1.5: expected a probability in [0, 1]"),
     ("data.ids_per_batch=0", "data.ids_per_batch=0: expected > 0"),
     ("eval.max_rank=0", "eval.max_rank=0: expected >= 1"),
     ("pat.memory_momentum=0", "pat.memory_momentum=0.0: expected in (0, 1]"),
@@ -102,6 +103,7 @@ BAD_VALUES = [
     # renamed keys: refused, naming the new key (never read with another meaning)
     ("pat.psd_lambda=0.3", "pat.psd_lambda=0.3: expected no value: renamed to pat.psd_alpha (the paper's α, Eq. 7, "
      "same meaning); pass pat.psd_alpha=0.3 instead"),
+    ("data.norm=foo", "data.norm: renamed to data.transform.norm (same meaning); pass data.transform.norm=foo instead"),
     ("pat.triplet_margin=-1", "pat.triplet_margin=-1.0: expected null (soft margin) or >= 0"),
     ("model.drop_path_rate=1.0", "model.drop_path_rate=1.0: expected in [0, 1)"),
     ("model.img_size=[0,32]", "model.img_size=[0, 32]: expected (height, width), both > 0"),
@@ -139,10 +141,12 @@ def test_every_field_is_checked() -> None:
     validated elsewhere, cover every non-bool field."""
     elsewhere = {
         Config: {"data", "model", "train", "eval", "pat", "tmgf"},  # sections, checked each on its own
-        DataConfig: {"sources", "targets", "leave_one_out", "target", "synthetic"},  # via resolved() / shards.synth
+        DataConfig: {"sources", "targets", "leave_one_out", "target", "synthetic",  # via resolved() / shards.synth
+                     "transform"},  # a section, checked on its own
+        TransformConfig: {"size"},  # = model.img_size (Config's check), checked as that
         TrainConfig: {"optim"},
     }
-    for cls in (Config, DataConfig, TrainConfig, OptimConfig, EvalConfig, PATConfig, TMGFConfig):
+    for cls in (Config, DataConfig, TransformConfig, TrainConfig, OptimConfig, EvalConfig, PATConfig, TMGFConfig):
         checked = {key.split(".")[0] for key, _, _ in cls()._checks()} | elsewhere.get(cls, set())
         fields = {f.name for f in dataclasses.fields(cls) if f.type not in ("bool", bool)}
         assert fields <= checked, f"{cls.__name__}: no check for {sorted(fields - checked)}"

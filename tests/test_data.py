@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from shards.pack import pack
+from shards.reader import REPACK, read_samples
 from shards.records import read_manifest
+from shards.verify import check_shard, verify
 from tests.mp import run_distributed
 from trainer.data import (
     LGT, AugRNG, RandomErasing, ReIDDataset, SampleStore, ShardError, TransformConfig, WidsSampleStore,
@@ -230,6 +232,66 @@ def test_wids_store_matches_memory_store(packs: dict[str, Path], tmp_path: Path)
     assert not any(p.is_symlink() for p in (tmp_path / "d").iterdir())
 
 
+def _pax_pack(src: Path, dst: Path) -> Path:
+    """A copy of a pack with every shard in pax format (webdataset's TarWriter default), the manifest agreeing."""
+    import tarfile
+
+    p = _copy_pack(src, dst)
+    for shard in read_manifest(p).shards:
+        out = io.BytesIO()
+        with tarfile.open(p / shard.name) as tar, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as pax:
+            for m in tar:
+                m.pax_headers = {"comment": "forces a pax extended header"}
+                pax.addfile(m, tar.extractfile(m))
+        _rewrite_shard(p, shard.name, out.getvalue())
+    return p
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "pax"])
+def test_verifier_and_both_stores_read_the_same_samples(packs: dict[str, Path], tmp_path: Path, fmt: str) -> None:
+    """One reader of the pack format: the verifier, the in-memory store and the wids store see the
+    same samples (metadata, image type and the original image bytes), in the same order."""
+    sources = [packs["a"], packs["b"]]
+    if fmt == "pax":
+        sources = [_pax_pack(src, tmp_path / f"pax{k}") for k, src in enumerate(sources)]
+    verified = []
+    for root in sources:
+        manifest = verify(root, decode=True)
+        for shard in manifest.shards_of("train"):
+            data = (root / shard.name).read_bytes()
+            for s in check_shard(root / shard.name, data, shard, manifest.splits["train"].num_cams, decode=True):
+                image = bytes(s.image.data(memoryview(data)))
+                verified.append((s.meta.relpath, s.meta.pid, s.meta.camid, s.image_ext, image))
+    mem = SampleStore.from_manifests(sources, "train", relabel=True)
+    wds = WidsSampleStore.from_manifests(sources, "train", relabel=True, cache_dir=tmp_path / "c")
+    for store in (mem, wds):
+        got = [(str(store.relpath[i]), int(store.pid_orig[i]), int(store.camid_orig[i]), store.meta(i)["ext"],
+                store.get_bytes(i)) for i in range(len(store))]
+        assert got == verified, type(store).__name__
+    wds.close()
+    raw = [packs["raw_a"], packs["raw_b"]]
+    assert [v[4] for v in verified] == [(raw[d] / rel).read_bytes() for d, rel in zip(mem.domain, mem.relpath)]
+
+
+def test_verifier_and_both_stores_refuse_a_cut_shard_alike(packs: dict[str, Path], tmp_path: Path) -> None:
+    """A shard cut short (its size and sha256 in the manifest agreeing): the reader's one line,
+    with the same fix, from the verifier and from both stores."""
+    shard = read_manifest(packs["a"]).shards_of("train")[1].name
+    p = _copy_pack(packs["a"], tmp_path / "cut")
+    data = (packs["a"] / shard).read_bytes()
+    _rewrite_shard(p, shard, data[: len(data) // 2])
+    info = next(s for s in read_manifest(p).shards if s.name == shard)
+    with pytest.raises(ShardError, match="truncated") as exc:
+        list(read_samples(p / shard, memoryview((p / shard).read_bytes()), info))
+    want = f"{exc.value}; {REPACK}"
+    assert str(p / shard) in want and "\n" not in want
+    for build in (lambda: verify(p), lambda: SampleStore.from_manifests([p], "train", relabel=True),
+                  lambda: WidsSampleStore.from_manifests([p], "train", relabel=True, cache_dir=tmp_path / "c")):
+        with pytest.raises(ShardError) as exc:
+            build()
+        assert str(exc.value) == want
+
+
 # ---------------------------------------------------------------------------------------------
 # transforms
 
@@ -239,7 +301,7 @@ def _pil(seed: int, size: tuple[int, int] = (40, 90)) -> Image.Image:
 
 
 def _naive_lgt(img: Image.Image, p: float, sl: float = 0.02, sh: float = 0.4, r1: float = 0.3) -> Image.Image:
-    """The reference LGT on Python's global ``random`` (pat.md §5.2), restated plainly."""
+    """The reference LGT on Python's global ``random`` (docs/methods/pat.md §Data and recipe), restated plainly."""
     new = img.convert("L")
     np_img = np.array(new, dtype=np.uint8)
     img_gray = np.dstack([np_img, np_img, np_img])

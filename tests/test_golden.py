@@ -187,7 +187,7 @@ def test_pat_psd_repo_index_bug_reproduces_official_labels_exactly():
 
 
 def test_pat_total_with_repo_index_bug_equals_official_step():
-    """``pat.repo_index_bug=true`` through ``pat_total`` (bank update, CSL, PSD) on step 1.
+    """``pat.repo_index_bug=true`` through the bank update and ``pat_total`` (CSL, PSD) on step 1.
 
     Its ID term is the official PSD loss and its CSL term the official Pedal loss (rtol 1e-6, as
     above); with the default switch the ID term differs, since the official misreads identities there.
@@ -201,6 +201,7 @@ def test_pat_total_with_repo_index_bug_equals_official_step():
         rep = _PatReplay(fx)
         rep.step(0)
         cfg = PATConfig(csl_k=int(fx["meta"][2]), csl_scale=float(fx["scale"]), repo_index_bug=switch)
+        rep.bank.update(rows, fx[f"step{t}_feats"], fx["pids"][rows])  # the step's write, before the loss
         results[switch] = pat_total(*args, rep.bank, cfg)
     assert results[True].id.item() == pytest.approx(float(fx[f"step{t}_psd_loss"]), rel=1e-6)
     assert results[True].csl.item() == pytest.approx(float(fx[f"step{t}_csl_loss"]), rel=1e-6)
@@ -364,7 +365,7 @@ def test_jaccard_dbscan_labels_equal_official(key):
     Exact equality, cluster numbering included (the features are snapped, and the generator checked
     that the official float32 faiss k-NN lists equal the exact ones on them).
     """
-    from trainer.cluster import jaccard_dbscan
+    from trainer.cluster.pipeline import jaccard_dbscan
 
     x, s, fx = _cluster_setting(key)
     assert s["same_knn_as_exact"]

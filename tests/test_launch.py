@@ -18,7 +18,7 @@ import submitit
 from launch import slurm as launcher
 from shards.errors import UserError
 from trainer import dist
-from trainer.engine.loop import StopFlag
+from trainer.engine.stop import StopFlag
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -337,7 +337,7 @@ def fake_submitit_handler() -> list[int]:
 
 def test_trap_sets_the_flag_and_defers_submitit(fake_submitit_handler: list[int]) -> None:
     flag = StopFlag()
-    trap = launcher.PreemptionTrap(flag).install()
+    trap = flag.install()
     try:
         assert not flag.agreed() and not trap.preempted
         os.kill(os.getpid(), signal.SIGUSR2)
@@ -352,7 +352,7 @@ def test_trap_sets_the_flag_and_defers_submitit(fake_submitit_handler: list[int]
 
 def test_sigterm_stops_without_requeue() -> None:
     flag = StopFlag()
-    trap = launcher.PreemptionTrap(flag).install()
+    trap = flag.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.agreed() and not trap.preempted
@@ -366,7 +366,7 @@ def _job(tmp_path: Path, max_requeues: int) -> launcher.TrainJob:
 
 def test_requeue_after_preemption_hands_over_and_counts(tmp_path: Path, fake_submitit_handler: list[int]) -> None:
     launcher.reset_requeues(tmp_path, 2)
-    trap = launcher.PreemptionTrap(StopFlag()).install()
+    trap = StopFlag().install()
     try:
         job = _job(tmp_path, 2)
         for expected in (1, 2):

@@ -24,7 +24,7 @@ from trainer.memory import PartMemoryBank
 
 # ---------------------------------------------------------------------------------------------- naive
 def naive_csl(feats, indices, bank, filled, k, scale):
-    """Loop restatement of pat.md §2.2 in float64 torch scalars (differentiable in ``feats``)."""
+    """Loop restatement of docs/methods/pat.md §CSL in float64 torch scalars (differentiable in ``feats``)."""
     b, num_parts, _ = feats.shape
     n = bank.shape[1]
     total = feats.new_zeros(())
@@ -286,6 +286,7 @@ def test_pat_total_composes_the_terms():
     targets = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     idx = torch.randperm(n, generator=g)[:b]
     cfg = PATConfig(csl_k=3, repo_index_bug=True, csl_weight=0.7)
+    bank.update(idx, parts, targets)  # the official order: the step's write (the method's memory hook) first
     out = pat_total(logits, cls, parts, targets, idx, bank, cfg)
 
     copy.update(idx, parts, targets)

@@ -38,7 +38,7 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 def naive_mask(grid: tuple[int, int], regions: list[PartRegion]) -> torch.Tensor:
-    """The rule of pat.md §1.3 restated entry by entry."""
+    """The rule of docs/methods/pat.md §Attention mask restated entry by entry."""
     rows, cols = grid
     p_count = len(regions)
     n = 1 + p_count + rows * cols
@@ -123,7 +123,7 @@ def test_random_regions_reproducible_within_band_and_official_statistics():
             incl[p, g.top : g.bottom + 1] += 1
     assert len(heights) >= 6 and len(widths) >= 6  # sizes vary
     incl /= len(draws)
-    # pat.md §1.3: P(row included) is 8/36=0.22 at the band edges and 24/36=0.67 in the centre
+    # docs/methods/pat.md §Attention mask: P(row included) is 8/36=0.22 at the band edges and 24/36=0.67 in the centre
     # (rows t<h are a sorted pair of 9 values; row k is in [t,h] for (k+1)(9-k)-1 of 36 pairs).
     for p, top in enumerate(tops):
         for k in range(9):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import tarfile
@@ -15,7 +16,10 @@ from shards import pack as packmod
 from shards import verify as verifymod
 from shards.layouts import parse
 from shards.pack import pack
-from shards.records import MANIFEST, SPLITS, Manifest, SampleMeta, read_manifest, sample_key
+from shards.reader import ShardError, ShardSample, read_samples
+from shards.records import (
+    MANIFEST, SPLITS, Manifest, SampleMeta, member_name, read_manifest, sample_key, split_member_name,
+)
 from shards.verify import VerifyError, verify
 from tests.fixtures_layouts import MARKET_FILES, make_cuhk03np, make_market, make_msmt_lists, write_images
 
@@ -366,7 +370,8 @@ def test_manifest_not_contiguous(tmp_path: Path) -> None:
      ("cuhk03np", "cuhk03np_detected"), ("cuhk03np", "cuhk03np_labeled")],
 )
 def test_synth_layouts_parse_pack_verify(tmp_path: Path, layout: str, name: str) -> None:
-    from shards.synth import SynthConfig, synthesize
+    from shards.synth.config import SynthConfig
+    from shards.synth.write import synthesize
 
     root = tmp_path / layout
     cams = 2 if layout == "cuhk03np" else 3
@@ -382,7 +387,8 @@ def test_synth_layouts_parse_pack_verify(tmp_path: Path, layout: str, name: str)
 
 
 def test_synth_market_with_more_cameras_needs_the_synthetic_layout(tmp_path: Path) -> None:
-    from shards.synth import SynthConfig, synthesize
+    from shards.synth.config import SynthConfig
+    from shards.synth.write import synthesize
 
     root = tmp_path / "m8"
     synthesize(SynthConfig(layout="market1501", out=str(root), ids=2, cams=8, images_per_id_cam=1, size=(32, 16)))
@@ -588,3 +594,120 @@ def test_shards_are_what_tarfile_writes(tmp_path: Path) -> None:
             for name, data in read_members(out / shard.name):
                 packmod._add_member(tar, name, data)
         assert (out / shard.name).read_bytes() == ref.read_bytes(), shard.name
+
+
+# ------------------------------------------------------------------- the one reader of the pack format
+
+
+def _reader_samples(folder: Path, shard_name: str, data: bytes | None = None) -> list[ShardSample]:
+    shard = next(s for s in read_manifest(folder).shards if s.name == shard_name)
+    buf = memoryview((folder / shard_name).read_bytes() if data is None else data)
+    return list(read_samples(folder / shard_name, buf, shard))
+
+
+def test_reader_parses_what_the_packer_writes(tmp_path: Path) -> None:
+    root = many_market(tmp_path / "m")
+    out = tmp_path / "out"
+    manifest = pack("market1501", root, out, shard_bytes=5000)
+    records = parse("market1501", root)
+    assert len(manifest.shards_of("train")) >= 3
+    for shard in manifest.shards:
+        data = (out / shard.name).read_bytes()
+        samples = _reader_samples(out, shard.name)
+        with tarfile.open(out / shard.name) as tar:  # the standard library's offsets of the same members
+            offsets = {m.name: (m.offset_data, m.size) for m in tar}
+        assert len(samples) == shard.count
+        for i, sample in enumerate(samples):
+            index = shard.first_index + i
+            rec = records[shard.split][index]
+            assert sample.key == sample_key(shard.split, index) and sample.image_ext == "jpg"
+            assert sample.meta == SampleMeta(rec.pid, rec.camid, shard.split, index, rec.relpath)
+            assert {ext: (m.offset, m.size) for ext, m in sample.members.items()} == {
+                ext: offsets[f"{sample.key}.{ext}"] for ext in ("jpg", "json")
+            }
+            image = sample.image
+            assert data[image.offset : image.offset + image.size] == (root / rec.relpath).read_bytes()
+    cuhk = tmp_path / "cuhk"
+    pack("cuhk03np_labeled", make_cuhk03np(tmp_path / "cuhk03-np"), cuhk)
+    assert {s.image_ext for s in _reader_samples(cuhk, "query-000000.tar")} == {"png"}
+
+
+def test_member_names_split_as_webdataset_and_wids_split_them() -> None:
+    from webdataset.tariterators import base_plus_ext
+    from wids.wids import splitname
+
+    for key, ext in (("train_00000007", "jpg"), ("query_00000000", "json"), ("k", "tar.gz")):
+        name = member_name(key, ext)
+        assert split_member_name(name) == (key, ext) == base_plus_ext(name)
+        assert splitname(name) == (key, f".{ext}")  # wids keeps the dot of the extension
+    for bad in ("train_00000007", ".jpg", "train_00000007.", "shard/train_00000007.jpg"):
+        with pytest.raises(ValueError, match="is not '<key>.<ext>'"):
+            split_member_name(bad)
+
+
+def _members_end(data: bytes) -> int:
+    """Offset just after the last member's padded data: where the end-of-archive marker starts."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
+
+
+def _pax(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src:
+            m.pax_headers = {"comment": "forces a pax extended header"}
+            dst.addfile(m, src.extractfile(m))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "pax"])
+def test_reader_refuses_every_truncation_in_one_line(market_pack: tuple[Path, Path], fmt: str) -> None:
+    """Cut anywhere before the end-of-archive marker is whole: a ShardError, never fewer samples;
+    the zeros padding the tar to a whole record may go (two zero blocks end a tar)."""
+    _, out = market_pack
+    name = "gallery-000000.tar"
+    data = (out / name).read_bytes()
+    data = data if fmt == "ustar" else _pax(data)  # pax: the tarfile path of the reader
+    want = _reader_samples(out, name, data)
+    end = _members_end(data)
+    assert len(want) == 3 and end + 1024 < len(data)
+    blocks = {k * 512 + d for k in range(len(data) // 512 + 1) for d in (-1, 0, 1)}  # header and data edges
+    for cut in sorted((set(range(0, len(data), 11)) | blocks) & set(range(len(data)))):
+        if cut >= end + 1024:
+            assert [s.meta for s in _reader_samples(out, name, data[:cut])] == [s.meta for s in want]
+            continue
+        with pytest.raises(ShardError) as exc:
+            _reader_samples(out, name, data[:cut])
+        msg = str(exc.value)
+        assert "\n" not in msg and msg.startswith(f"{out / name}: "), (cut, msg)
+        assert "truncated" in msg, (cut, msg)
+
+
+def test_reader_refuses_every_garbled_header_byte(market_pack: tuple[Path, Path]) -> None:
+    """One byte changed anywhere in a member header: a ShardError, or (only the unused byte after the
+    checksum's NUL, which tarfile ignores too) the same samples."""
+    _, out = market_pack
+    name = "gallery-000000.tar"
+    data = (out / name).read_bytes()
+    want = _reader_samples(out, name)
+    headers = [m.offset - 512 for s in want for m in s.members.values()]
+    assert len(headers) == 6
+    ignored = 0
+    for header in headers:
+        for at in range(header, header + 512):
+            bad = bytearray(data)
+            bad[at] ^= 0x55
+            try:
+                got = _reader_samples(out, name, bytes(bad))
+            except ShardError as exc:
+                assert "\n" not in str(exc) and str(out / name) in str(exc), (at, str(exc))
+                continue
+            assert got == want and at - header == 155, at  # the " " after "%06o\0": read by no one
+            ignored += 1
+    assert ignored == len(headers)
+    bad = bytearray(data)
+    bad[headers[2] + 10] ^= 0x55  # the name of sample 1's image
+    with pytest.raises(ShardError, match=f"corrupt tar header at byte {headers[2]} .checksum mismatch.: .*"
+                                         f"no end-of-archive marker after member gallery_00000000.json"):
+        _reader_samples(out, name, bytes(bad))

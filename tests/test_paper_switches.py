@@ -409,7 +409,7 @@ def test_paper_experiments_run_the_paper_era_recipe() -> None:
     assert {"tmgf_market", "tmgf_msmt_gt", "tmgf_msmt_t4_cls2"} <= set(tmgf)
     for exp in pat:
         cfg = _exp(exp)
-        assert cfg.data.lgt_p == 0.5, exp
+        assert cfg.data.transform.lgt_p == 0.5, exp
         full_pat = cfg.model.name == "pat" and cfg.pat.csl and exp != "table5_csl"  # Table 5 (3) is PSD off
         assert cfg.pat.psd == full_pat, exp
     for exp in tmgf:

@@ -153,6 +153,10 @@ def _tmgf_body(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tens
 
 
 def test_tmgf_forward_and_necks_under_sync_bn_match_world1(tmp_path) -> None:
+    from trainer.config import compose
+    from trainer.data.prepare import ensure_datasets
+
+    ensure_datasets(compose(["exp=tmgf_smoke"]).data)  # once, before the ranks (as trainer.train's run does)
     single = run_distributed(_tmgf_body, 1, str(tmp_path / "w1"))[0]
     pair = run_distributed(_tmgf_body, 2, str(tmp_path / "w2"))
     feats = torch.cat([r["feats"] for r in pair])

@@ -1,5 +1,5 @@
 """The synthetic generator writes the real layouts, deterministically, and is hard enough to mean
-something (DESIGN §7): parts shared across identities, camera bias that defeats a global colour
+something: parts shared across identities, camera bias that defeats a global colour
 descriptor (while identity signal is there for a colour-constant one), and a measurable domain gap."""
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ import pytest
 from PIL import Image
 
 from shards.records import Record
-from shards.synth import (
-    ATTRIBUTES,
-    SUMMARY_FILE,
-    DomainStyle,
-    SynthConfig,
-    SynthSummary,
-    domain_id,
-    draw_people,
-    main,
-    synthesize,
-)
+from shards.synth.cli import main
+from shards.synth.config import SUMMARY_FILE, SynthConfig, SynthSummary
+from shards.synth.parts import ATTRIBUTES
+from shards.synth.people import draw_people
+from shards.synth.streams import domain_id
+from shards.synth.style import DomainStyle
+from shards.synth.write import synthesize
 
 SMALL = dict(ids=20, test_ids=20, images_per_id_cam=2, size=(64, 32), seed=3)
 CAMS = {"market1501": 4, "dukemtmc": 4, "msmt17": 4, "cuhk03np": 2}

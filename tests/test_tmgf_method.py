@@ -18,6 +18,7 @@ import torch
 from tests.mp import run_distributed
 from trainer import dist
 from trainer.config import Config, TMGFConfig, compose
+from trainer.data.prepare import ensure_datasets
 from trainer.losses.o2cap import O2CAPLossConfig
 from trainer.models import available_models
 
@@ -31,6 +32,7 @@ def _cfg(tmp: Path | str, *extra: str) -> Config:
 def _method_and_model(cfg: Config):
     from trainer.methods.tmgf import TMGFMethod
 
+    ensure_datasets(cfg.data)  # as trainer.train.run does before it builds the method
     method = TMGFMethod(cfg)
     torch.manual_seed(cfg.train.seed)
     model = method.build_model().to(dist.info().device)
@@ -197,6 +199,7 @@ def _fit(run_dir: Path, *extra: str):
     from trainer.methods.tmgf import TMGFMethod
 
     cfg = _cfg(run_dir, *_RUN, *extra)
+    ensure_datasets(cfg.data)
     method = TMGFMethod(cfg)
     method.sink = _ListSink()
     result = Engine(method, cfg.train, cfg.eval, run_dir, sinks=[method.sink]).fit()
@@ -330,7 +333,7 @@ def test_calibration_off_keeps_the_official_fresh_statistics(tmp_path: Path) -> 
 def test_pat_run_initialises_a_tmgf_run_as_the_demo_does(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from trainer.tmgf_demo import summarize
+    from demo.tmgf import summarize
     from trainer.train import run
 
     cache = f"data.cache_dir={tmp_path / 'cache'}"
@@ -339,10 +342,11 @@ def test_pat_run_initialises_a_tmgf_run_as_the_demo_does(tmp_path: Path) -> None
     assert res.status == "finished"
     source = pat_dir / "model_final.safetensors"
     pat = load_file(str(source))
-    cfg = _cfg(tmp_path / "tmgf", cache, "model.tmgf_stem=patch", f"model.pretrained={source}", "data.norm=vit_jx",
+    cfg = _cfg(tmp_path / "tmgf", cache, "model.tmgf_stem=patch", f"model.pretrained={source}", "data.transform.norm=vit_jx",
                "train.epochs=1", "eval.at_start=true", "tmgf.eval_clustering=true", "train.ckpt_every_steps=0")
     from trainer.methods.tmgf import TMGFMethod
 
+    ensure_datasets(cfg.data)  # the PAT run made only its own datasets
     method = TMGFMethod(cfg)
     model = method.build_model()
     for k, v in model.backbone.state_dict().items():  # PAT's backbone, its part-token rows dropped

@@ -1,4 +1,4 @@
-"""Tests of the TMGF model (trainer/models/tmgf.py) against naive restatements of tmgf_o2cap.md §6."""
+"""Tests of the TMGF model (trainer/models/tmgf.py) against naive restatements of docs/methods/tmgf.md §Model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.models import ModelConfig, build_model
-from trainer.models.tmgf import TMGF, TMGF_VARIANTS, IBNStemPatchEmbed, stripe_pool, transreid_key
+from trainer.models.ibn_stem import IBNStemPatchEmbed
+from trainer.models.tmgf import TMGF, TMGF_VARIANTS, stripe_pool
+from trainer.models.tmgf_weights import transreid_key
 
 IMG = (64, 32)  # vit_test: grid 4 x 2
 B = 4

@@ -4,18 +4,18 @@ The dataclasses are registered with Hydra's ConfigStore as the schema of ``confi
 ``compose(overrides)`` gives a validated :class:`Config`, the one object a run is a function of.
 Every field is checked there (choices, ranges, cross-field rules), so a bad value is refused before
 any work is queued, as one line ``key=value: expected <what>``. Each dataclass lists its checks in
-``_checks()``; :func:`check_files` adds what depends on this machine's files.
+``_checks()``; ``trainer.train.check_files`` adds what depends on this machine's files.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shards.errors import UserError
-from trainer.models.registry import ModelConfig
 
 
 class ConfigError(UserError):
@@ -212,7 +212,7 @@ class SynthSourceConfig:
 
     def problem(self) -> str | None:
         """``shards.synth``'s own verdict on these settings (``field=value: ...``), None when fine."""
-        from shards.synth import SynthConfig  # numpy + PIL: loaded only when a config has synthetic sets
+        from shards.synth.config import SynthConfig  # numpy + PIL: loaded only when a config has synthetic sets
 
         try:
             SynthConfig(out="", **asdict(self)).resolved()
@@ -220,6 +220,56 @@ class SynthSourceConfig:
             return str(exc)
         return None
 
+
+NORM_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "vit_jx": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # PAT hard-codes 0.5/0.5 (timm's jx ViT weights)
+    "luperson": ((0.3525, 0.3106, 0.3140), (0.2660, 0.2522, 0.2505)),  # TMGF (LUPerson-pretrained ViT-S)
+}
+"""Per-backbone normalisation (mean, std) presets of ``data.transform.norm`` (``trainer.data.transforms``)."""
+
+
+@dataclass
+class TransformConfig:
+    """Image transforms, ``data.transform`` (``trainer.data.transforms.build_transforms``); defaults: flip,
+    pad 10 + crop and 0.5/0.5 normalisation at 256×128 (PAT's code, LGT off). Checked when made."""
+
+    size: tuple[int, int] = (256, 128)
+    """Output (height, width); the resize target and the crop size. In a run it is ``model.img_size``, the
+    model's input (``configs/config.yaml`` sets it so; :class:`Config` refuses another value), and is checked
+    as that."""
+    flip_p: float = 0.5
+    """Horizontal flip probability (train)."""
+    pad: int = 10
+    """Zero padding before the random crop back to ``size`` (train; 10 px at 256×128 in both papers); 0 disables
+    pad + crop."""
+    lgt_p: float = 0.0
+    """Local Grayscale Transformation probability (train; PAT paper era 0.5, the repo HEAD turned it off)."""
+    erasing_p: float = 0.0
+    """Reference RandomErasing probability (train; TMGF/O2CAP 0.5)."""
+    norm: str = "vit_jx"
+    """Normalisation preset: ``vit_jx`` (0.5/0.5, PAT), ``imagenet``, ``luperson`` (TMGF)."""
+
+    def _checks(self) -> list[Check]:
+        norms = tuple(NORM_PRESETS)
+        return [
+            ("flip_p", _probability(self.flip_p), "a probability in [0, 1]"),
+            ("pad", self.pad >= 0, ">= 0 (0: no pad + crop)"),
+            ("lgt_p", _probability(self.lgt_p), "a probability in [0, 1]"),
+            ("erasing_p", _probability(self.erasing_p), "a probability in [0, 1]"),
+            ("norm", self.norm in norms, f"one of {norms}"),
+        ]
+
+    def __post_init__(self) -> None:
+        self.size = tuple(int(s) for s in self.size)  # type: ignore[assignment]  # Hydra hands lists
+        if len(self.size) != 2:
+            raise ConfigError(f"data.transform.size={self.size!r}: expected (height, width)")
+        _check("data.transform.", self)
+
+
+RENAMED_KEYS = {f"data.{k}": f"data.transform.{k}" for k in ("flip_p", "pad", "lgt_p", "erasing_p", "norm")}
+"""Keys that moved (old -> new, same meaning). An old key is refused in one line naming the new one, on the
+command line and in a config file alike."""
 
 DATA_STORES = ("memory", "wids")
 """``data.store`` choices (opened by ``trainer.methods.common.open_store``)."""
@@ -251,21 +301,10 @@ class DataConfig:
     """Synthetic datasets by name; a source/target with such a name is generated and packed under ``cache_dir``."""
     cache_dir: str = ".cache/reid"
     """Where synthetic datasets are generated and packed (reused across runs)."""
-    flip_p: float = 0.5
-    """Horizontal flip probability (train)."""
-    pad: int = 10
-    """Zero padding before the random crop back to the input size (train; 10 px at 256×128 in both papers)."""
-    lgt_p: float = 0.0
-    """Local Grayscale Transformation probability (PAT paper era 0.5; the repo HEAD turned it off)."""
-    erasing_p: float = 0.0
-    """Random erasing probability (TMGF/O2CAP 0.5)."""
-    norm: str = "vit_jx"
-    """Normalisation preset: ``vit_jx`` (0.5/0.5, PAT), ``imagenet``, ``luperson`` (TMGF)."""
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    """Augmentation and normalisation of the images (train and test pipelines)."""
 
     def _checks(self) -> list[Check]:
-        from trainer.data.transforms import NORM_PRESETS  # the presets the transforms define
-
-        norms = tuple(NORM_PRESETS)
         return [
             ("root", bool(self.root), "the folder holding the packed datasets"),
             ("ids_per_batch", self.ids_per_batch > 0, "> 0"),
@@ -273,11 +312,6 @@ class DataConfig:
             ("num_workers", self.num_workers >= 0, ">= 0 (0: load in the training process)"),
             ("store", self.store in DATA_STORES, f"one of {DATA_STORES}"),
             ("cache_dir", bool(self.cache_dir), "the folder for synthetic datasets"),
-            ("flip_p", _probability(self.flip_p), "a probability in [0, 1]"),
-            ("pad", self.pad >= 0, ">= 0 (0: no pad + crop)"),
-            ("lgt_p", _probability(self.lgt_p), "a probability in [0, 1]"),
-            ("erasing_p", _probability(self.erasing_p), "a probability in [0, 1]"),
-            ("norm", self.norm in norms, f"one of {norms}"),
         ]
 
     def resolved(self) -> tuple[list[str], list[str]]:
@@ -330,7 +364,8 @@ class PATConfig:
     memory_momentum: float = 0.1
     """Weight of the new feature in the bank update (M ← 0.9·M + 0.1·f)."""
     update_before_loss: bool = True
-    """Momentum-update the bank with the batch before the CSL loss (official order)."""
+    """The method's memory hook writes the batch into the bank before the CSL loss (official order);
+    False: after the optimizer step."""
     id_epsilon: float = 0.1
     """Label smoothing of the hard-label branch of the ID loss."""
     id_weight: float = 1.0
@@ -431,7 +466,7 @@ KNN_BACKENDS = ("auto", "torch", "faiss")
 
 @dataclass
 class TMGFConfig(O2CAPLossConfig):
-    """TMGF on O2CAP (``reference/tmgf_o2cap.md``); defaults are ``TMGF_full.yml``'s.
+    """TMGF on O2CAP (``docs/methods/tmgf.md``); defaults are ``TMGF_full.yml``'s.
 
     The loss knobs are inherited from :class:`O2CAPLossConfig` (the method passes this object to the
     losses as it is); the fields below are the clustering, memory and sampling ones.
@@ -489,9 +524,174 @@ class TMGFConfig(O2CAPLossConfig):
         ]
 
 
+MODEL_NAMES = ("pat", "tmgf", "vit")
+"""``model.name`` choices: what ``trainer.models.registry`` registers (it refuses a name missing here, so
+that a config is validated without importing any model)."""
+BACKBONES = ("deit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_patch16_224", "vit_base_patch16_224",
+             "vit_small_patch16_224", "vit_test")
+"""``model.backbone`` choices: ``trainer.models.backbones.available_backbones()`` (a test keeps them equal)."""
+WEIGHT_SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
+"""Weight-file formats ``model.pretrained`` may name (``trainer.models.weights.SUFFIXES``, kept equal by a test)."""
+TIMM_PREFIX = "timm:"
+"""``model.pretrained=timm:<model>[.<tag>]``: timm's weights (``trainer.models.weights``)."""
+REGION_MODES = ("random", "fixed")
+NECK_FEATS = ("before", "after")
+TMGF_STEMS = ("ibn", "patch")
+
+
+def _is_timm_name(spec: object) -> bool:
+    return isinstance(spec, str) and spec.startswith(TIMM_PREFIX)
+
+
+_TIMM_EXAMPLE = "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k"
+
+
+def timm_name_problem(spec: str) -> str | None:
+    """What a ``timm:`` value should be, as ``expected ...`` text, or None when timm has weights for it.
+
+    Asks timm's registry (imported here only for a ``timm:`` value: parsing a config loads no model code)."""
+    import timm
+    from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
+
+    arch, tag = split_model_name_tag(spec[len(TIMM_PREFIX):])
+    if not arch or not timm.is_model(arch):
+        return (f"timm:<model>[.<pretrained tag>] naming a model timm {timm.__version__} knows, e.g. {_TIMM_EXAMPLE} "
+                "(timm.list_pretrained('vit_*') lists them)")
+    cfgs = get_arch_pretrained_cfgs(arch)
+    if not cfgs:
+        return f"a timm model with pretrained weights ({arch} has none in timm {timm.__version__})"
+    if tag and f"{arch}.{tag}" not in cfgs:
+        return f"a pretrained tag of {arch} that timm has: {', '.join(n.split('.', 1)[1] for n in cfgs)}"
+    return None
+
+
+@dataclass
+class ViTModelConfig:
+    """What every model reads: the ViT, its input and its weights."""
+
+    name: str = "pat"
+    """Registered model: ``pat`` (part-aware transformer), ``vit`` (the same ViT + BN-neck, no part tokens) or
+    ``tmgf``; the ``model`` node carries the settings of every family (:class:`ModelConfig`)."""
+    backbone: str = "vit_base_patch16_224"
+    """Backbone arch (``trainer.models.backbones.available_backbones()``): timm ``vit_base_patch16_224``,
+    ``vit_small_patch16_224``, ``deit_{tiny,small,base}_patch16_224``, or ``vit_test`` (depth 2, width 64)."""
+    img_size: tuple[int, int] = (256, 128)
+    """Input (height, width); with patch 16 the token grid is (H/16) x (W/16) = 16 x 8 for 256 x 128."""
+    pretrained: str | None = None
+    """Weights loaded into the backbone, or None: a local file (``.pth``/``.pt``, ``.npz``, ``.safetensors``),
+    or ``timm:<model>[.<pretrained tag>]`` (e.g. ``timm:vit_base_patch16_224.augreg2_in21k_ft_in1k``), read
+    from timm's cache (downloaded there when the machine is online): see ``trainer.models.weights``."""
+    pretrained_grid: tuple[int, int] | None = None
+    """Patch grid the pretrained position table was trained at; None infers it (square, or same as the model)."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth of the last block (linear from 0 over the blocks)."""
+
+
+@dataclass
+class PATModelConfig:
+    """The settings of ``trainer.models.pat``'s models: ``pat`` reads them all, ``vit`` the last two."""
+
+    num_parts: int = 3
+    """Part tokens P (PAT). Bands of H/2 rows with evenly spaced tops (0, 4, 8 for P=3 on a 16-row grid)."""
+    part_regions: str = "random"
+    """Regions in training: ``random`` (official: a random sub-rectangle of each band, redrawn every forward)
+    or ``fixed`` (the full band)."""
+    test_part_regions: str = "fixed"
+    """Regions in eval mode. ``fixed`` (default) is deterministic; ``random`` reproduces the official code,
+    whose test features are stochastic."""
+    fixed_band_extra_row: bool = False
+    """``fixed`` bands span H/2 rows; True gives the official commented-out test band of H/2+1 rows (off by one)."""
+    region_seed: int = 0
+    """Seed of the region generator (the same on every rank, so every rank draws the same regions)."""
+    tie_part_tokens: bool = False
+    """True: all part tokens share one parameter (the published-era code used ``part_token1`` for all three)."""
+    cls_part_links: bool = True
+    """cls <-> part-token attention, both ways (the official code); False = the paper's Eq. 3-4: the cls
+    token attends to itself and the image tokens, a part token to itself and its region."""
+    freeze_patch_embed: bool = True
+    """Freeze the patch-embedding conv (PAT's FREEZE_PATCH_EMBED, the MoCo v3 trick)."""
+    neck_feat: str = "before"
+    """Eval-mode feature: ``before`` the BN-neck (PAT's test feature) or ``after`` it."""
+
+
+@dataclass
+class TMGFModelConfig:
+    """The settings of ``trainer.models.tmgf``'s model (``tmgf``); ``pat``/``vit`` read none of them."""
+
+    num_cams: int = 0
+    """Cameras C of the camera embedding; 0 = every camera of the training sources (the method sizes the
+    model from the data when it builds it; the config keeps 0). Camera ids are 0-based and offset per
+    source, so every id must be < C."""
+    cam_embed_coef: float = 3.0
+    """Weight λ_c of the camera embedding added to every token (TMGF's ``SIE_COEF``).
+    0 builds no camera embedding at all (the camera ids are then only checked)."""
+    tmgf_stem: str = "ibn"
+    """Patch embedding: ``ibn`` (TransReID-SSL's IBN conv stem + kernel-8 projection) or ``patch``
+    (timm's plain 16x16 patch conv)."""
+    tmgf_granularities: tuple[int, ...] = (2, 3)
+    """Horizontal stripes per branch [K_1, K_2, ...] (paper Table 3: (2, 3), (2, 4), (3, 4)).
+    One branch per entry; a single entry = one branch (TMGF2: (2,), TMGF3: (3,)); () = one branch
+    and no parts (TMGF1, the baseline)."""
+    tmgf_duplicate_last_block: bool = True
+    """Each branch gets its own copy of the last block + final LayerNorm. False = one shared copy whose
+    tokens feed every partition (TMGF4, "w/o Dup."); the global feature is then its cls."""
+    tmgf_global: str = "mean"
+    """Global feature: ``mean`` of the branches' cls tokens (full TMGF), or ``cls1``/``cls2``/...
+    = the cls token of branch 1/2/... alone (TMGF5 / TMGF6)."""
+
+
+@dataclass
+class ModelConfig(TMGFModelConfig, PATModelConfig, ViTModelConfig):
+    """What to build (``trainer.models.registry.build_model``). Defaults are PAT's (ViT-B/16 at 256x128, 3 parts).
+
+    One flat ``model`` node made of each family's dataclass: Hydra's structured configs have no union of
+    dataclasses chosen by a key (``model.name``), so every family's settings are present, and each family's
+    dataclass says which of them its models read."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field as ``model.<field>=<value>: expected <what>``.
+
+        Only what this object alone decides; the registered names (``name``, ``backbone``) are checked
+        by ``build_model`` and ``trainer.config.validate``, whether ``pretrained`` exists (or a timm
+        name is cached) by ``trainer.train.check_files`` (a config may name a file that another run
+        will write)."""
+        size, grid, glob = tuple(self.img_size), self.pretrained_grid, self.tmgf_global
+        # a timm name is checked against timm's registry (no file or network); a path by its suffix only
+        timm_problem = timm_name_problem(self.pretrained) if _is_timm_name(self.pretrained) else None
+        branch = int(glob[3:]) if glob.startswith("cls") and glob[3:].isdigit() else 0
+        # as TMGF builds its branches: one per granularity with duplication, else one shared
+        branches = max(1, len(self.tmgf_granularities)) if self.tmgf_duplicate_last_block else 1
+        min_parts = 1 if self.name == "pat" else 0  # PAT's part-aware attention needs a part token
+        checks = [
+            ("img_size", len(size) == 2 and min(size) > 0, "(height, width), both > 0"),
+            ("pretrained", timm_problem is None, timm_problem or ""),
+            ("pretrained", not self.pretrained or _is_timm_name(self.pretrained)
+             or self.pretrained.lower().endswith(WEIGHT_SUFFIXES),
+             f"null or a weight file ending in one of {WEIGHT_SUFFIXES}"),
+            ("pretrained_grid", grid is None or (len(tuple(grid)) == 2 and min(grid) > 0),
+             "null (inferred) or (rows, cols), both > 0"),
+            ("drop_path_rate", 0.0 <= self.drop_path_rate < 1.0, "in [0, 1)"),
+            ("num_parts", self.num_parts >= min_parts,
+             ">= 1 (PAT needs a part token)" if min_parts else ">= 0"),
+            ("part_regions", self.part_regions in REGION_MODES, f"one of {REGION_MODES}"),
+            ("test_part_regions", self.test_part_regions in REGION_MODES, f"one of {REGION_MODES}"),
+            ("neck_feat", self.neck_feat in NECK_FEATS, f"one of {NECK_FEATS}"),
+            ("num_cams", self.num_cams >= 0, ">= 0 (0: set from the data)"),
+            ("cam_embed_coef", self.cam_embed_coef >= 0.0, ">= 0"),
+            ("tmgf_stem", self.tmgf_stem in TMGF_STEMS, f"one of {TMGF_STEMS}"),
+            ("tmgf_granularities", all(int(g) >= 1 for g in self.tmgf_granularities), "stripe counts >= 1"),
+            ("tmgf_global", glob == "mean" or 1 <= branch <= branches,
+             f"'mean' or cls1..cls{branches} (one per branch of tmgf_granularities / tmgf_duplicate_last_block)"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected {expected}")
+
+
 METHOD_MODELS = {"pat": ("pat", "vit"), "tmgf": ("tmgf",)}
-"""Models each method can train: PAT needs a classifier model (``num_classes``), TMGF the
-``[B, slots, dim]`` features of ``model(img, camid)``."""
+"""The methods (``trainer.methods.METHODS``, kept equal by a test; ``configs/method/`` has one file each) and
+the models each can train: PAT needs a classifier model (``num_classes``), TMGF the ``[B, slots, dim]``
+features of ``model(img, camid)``."""
 
 
 @dataclass
@@ -512,22 +712,24 @@ class Config:
     tmgf: TMGFConfig = field(default_factory=TMGFConfig)
 
     def _checks(self) -> list[Check]:
-        from trainer.methods import METHODS
-        from trainer.models import available_backbones, available_models
-
-        methods, models, backbones = tuple(METHODS), tuple(available_models()), tuple(available_backbones())
-        paired = METHOD_MODELS.get(self.method)
+        methods, paired = tuple(METHOD_MODELS), METHOD_MODELS.get(self.method)
+        size = tuple(self.model.img_size)
         return [
             ("name", bool(self.name), "a non-empty experiment name"),
             ("method", self.method in methods, f"one of {methods}"),
             ("run_dir", bool(self.run_dir), "the run's folder"),
-            ("model.name", self.model.name in models, f"one of {models}"),
+            ("model.name", self.model.name in MODEL_NAMES, f"one of {MODEL_NAMES}"),
             ("model.name", paired is None or self.model.name in paired, f"one of {paired} for method={self.method}"),
-            ("model.backbone", self.model.backbone in backbones, f"one of {backbones}"),
+            ("model.backbone", self.model.backbone in BACKBONES, f"one of {BACKBONES}"),
+            ("data.transform.size", tuple(self.data.transform.size) == size,
+             f"model.img_size={list(size)}, the model's input (leave it unset: it follows model.img_size)"),
         ]
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("data", "model", "method", "train")
+"""Config groups (``configs/<group>/``): each picks one file, by an experiment's ``defaults:`` or on the
+command line (``data=duke``)."""
 
 
 def pat_lr(pool: list[str], target: str) -> float:
@@ -555,6 +757,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: str | os.Pa
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    _refuse_renamed(overrides)
     _register()
     GlobalHydra.instance().clear()
     try:
@@ -562,8 +765,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: str | os.Pa
             node = hydra_compose(config_name="config", overrides=list(overrides))
         cfg = OmegaConf.to_object(node)
     except Exception as exc:
-        own = _own_error(exc)
-        if own is not None:  # a dataclass refused its values while OmegaConf built it: already one line
+        own = _own_error(exc) or _renamed_in_file(exc) or _missing_group_choice(exc, config_dir or CONFIG_DIR)
+        if own is not None:  # already one line naming the key or value
             raise own from None
         raise ConfigError(f"config: {_one_line(exc)}") from exc
     assert isinstance(cfg, Config)
@@ -571,24 +774,53 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: str | os.Pa
     return cfg
 
 
-def _own_error(exc: BaseException) -> ConfigError | None:
-    seen: set[int] = set()
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes (Hydra wraps OmegaConf's errors), each once."""
+    chain: list[BaseException] = []
     e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, ConfigError):
-            return e
-        seen.add(id(e))
+    while e is not None and all(e is not seen for seen in chain):
+        chain.append(e)
         e = e.__cause__ or e.__context__
+    return chain
+
+
+def _own_error(exc: BaseException) -> ConfigError | None:
+    return next((e for e in _chain(exc) if isinstance(e, ConfigError)), None)
+
+
+def _refuse_renamed(overrides: list[str] | tuple[str, ...]) -> None:
+    for override in overrides:
+        key, _, value = override.partition("=")
+        new = RENAMED_KEYS.get(key.lstrip("+~"))
+        if new is not None:
+            raise ConfigError(f"{key.lstrip('+~')}: renamed to {new} (same meaning); pass {new}={value} instead")
+
+
+def _renamed_in_file(exc: BaseException) -> ConfigError | None:
+    """An old key in a config file: OmegaConf refuses it as unknown, naming its full key."""
+    for e in _chain(exc):
+        old = str(getattr(e, "full_key", ""))
+        if old in RENAMED_KEYS:
+            return ConfigError(f"{old}: renamed to {RENAMED_KEYS[old]} (same meaning); write {RENAMED_KEYS[old]} in "
+                               "the config file")
+    return None
+
+
+def _missing_group_choice(exc: BaseException, config_dir: str | os.PathLike[str]) -> ConfigError | None:
+    """``data=nope``: the files of ``configs/data/`` are the choices (``exp`` keeps Hydra's wording)."""
+    for e in _chain(exc):
+        found = re.search(r"Could not find '(\w+)/([^']*)'", str(e))
+        if found and found.group(1) in GROUPS:
+            group, choice = found.groups()
+            options = tuple(sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml")))
+            return ConfigError(f"{group}={choice!r}: expected one of {options}")
     return None
 
 
 def _one_line(exc: BaseException) -> str:
     """Hydra/OmegaConf errors span many lines (search paths, object types): keep what names the problem."""
     parts: list[str] = []
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _chain(exc):
         for line in str(e).splitlines():
             line = line.strip()
             if not line or "$VALUE" in line or line.startswith(("full_key", "object_type", "reference_type", "provider=",
@@ -598,7 +830,6 @@ def _one_line(exc: BaseException) -> str:
                 break
             if line not in parts:
                 parts.append(line)
-        e = e.__cause__ or e.__context__
     if "Could not find 'exp/" in " ".join(parts):
         options = sorted(p.stem for p in (CONFIG_DIR / "exp").glob("*.yaml"))
         parts = [parts[0], f"available: {', '.join(options)}"]
@@ -607,9 +838,10 @@ def _one_line(exc: BaseException) -> str:
 
 def validate(cfg: Config) -> None:
     """Check every field and the cross-field rules the run relies on; raises :class:`ConfigError`
-    ``key=value: expected <what>`` for the first that fails. Reads no file (see :func:`check_files`)."""
+    ``key=value: expected <what>`` for the first that fails. Reads no file (see ``trainer.train.check_files``)."""
     _check("", cfg)
     _check("data.", cfg.data)
+    _check("data.transform.", cfg.data.transform)
     for name, spec in cfg.data.synthetic.items():
         _check(f"data.synthetic.{name}.", spec)
         problem = spec.problem()
@@ -626,24 +858,6 @@ def validate(cfg: Config) -> None:
     for prefix, node in (("train.", cfg.train), ("train.optim.", cfg.train.optim), ("eval.", cfg.eval),
                          ("pat.", cfg.pat), ("tmgf.", cfg.tmgf)):
         _check(prefix, node)
-
-
-def check_files(cfg: Config) -> None:
-    """Refuse a config naming a file this machine does not have (one line: key, path, what to do).
-
-    Separate from :func:`validate` because a config is valid before its files exist: the paper
-    experiments name weights fetched separately (under ``pretrained/``) and a chained run names the
-    model an earlier run writes (``exp=tmgf_demo``). An entry point calls it once, right before work
-    starts; it reads only."""
-    pretrained = cfg.model.pretrained
-    if pretrained and not Path(pretrained).is_file():
-        raise ConfigError(f"model.pretrained={pretrained!r}: no such file ({Path(pretrained).absolute()}); place the "
-                          "weight file there, pass the path of another (.pth/.pt/.npz/.safetensors), or "
-                          "model.pretrained='' to train from scratch")
-    resume = cfg.train.resume
-    if resume not in RESUME_MODES and not (Path(resume) / "state.pt").is_file():
-        raise ConfigError(f"train.resume={resume!r}: no checkpoint at {Path(resume).absolute()} (no state.pt); pass a "
-                          "checkpoint folder (RUN_DIR/checkpoints/step_...), train.resume=auto or train.resume=never")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -23,10 +23,11 @@ from typing import Callable
 
 from shards.errors import USAGE_EXIT, UserError, run_cli
 from trainer import dist
-from trainer.config import Config, ConfigError, check_files, compose, to_yaml
-from trainer.engine.loop import STATE_KEYS, Engine, FitResult, StopFlag, agreed
+from trainer.config import RESUME_MODES, TIMM_PREFIX, Config, ConfigError, compose, to_yaml
+from trainer.engine.loop import STATE_KEYS, Engine, FitResult, agreed
+from trainer.engine.stop import StopFlag
 from trainer.methods import build_method
-from shards.records import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 
 
 RESUMABLE_CHANGES = (
@@ -96,6 +97,32 @@ def check_run_dir(cfg: Config) -> None:
                           "run_dir=PATH") from None
 
 
+def check_files(cfg: Config) -> None:
+    """Refuse a config naming a file this machine does not have (one line: key, path, what to do).
+
+    Separate from :func:`validate` because a config is valid before its files exist: the paper
+    experiments name weights fetched separately (under ``pretrained/``) and a chained run names the
+    model an earlier run writes (``exp=tmgf_demo``). An entry point calls it once, right before work
+    starts; it reads only (no network: a ``timm:`` name is accepted when timm's cache holds it, or when
+    the machine is online and loading will download it)."""
+    pretrained = cfg.model.pretrained
+    if pretrained and pretrained.startswith(TIMM_PREFIX):
+        from trainer.models.weights import WeightsError, locate_timm_weights
+
+        try:
+            locate_timm_weights(pretrained)
+        except WeightsError as exc:
+            raise ConfigError(str(exc)) from None
+    elif pretrained and not Path(pretrained).is_file():
+        raise ConfigError(f"model.pretrained={pretrained!r}: no such file ({Path(pretrained).absolute()}); place the "
+                          "weight file there, pass the path of another (.pth/.pt/.npz/.safetensors), or "
+                          "model.pretrained='' to train from scratch")
+    resume = cfg.train.resume
+    if resume not in RESUME_MODES and not (Path(resume) / "state.pt").is_file():
+        raise ConfigError(f"train.resume={resume!r}: no checkpoint at {Path(resume).absolute()} (no state.pt); pass a "
+                          "checkpoint folder (RUN_DIR/checkpoints/step_...), train.resume=auto or train.resume=never")
+
+
 def check_checkpoint(cfg: Config) -> None:
     """Refuse, before any work, the checkpoint ``train.resume`` would load if this trainer cannot
     resume it (another format version, missing files or state keys): one line, its path and the fix."""
@@ -154,12 +181,19 @@ def run(cfg: Config, stop_flag: StopFlag | None = None) -> FitResult:
     """Train ``cfg`` in this process (a rank of the job); the process group must be set up.
 
     Starts with :func:`preflight` on every rank: a user's mistake found on any rank is raised, the
-    same, on all of them (no rank is left waiting in a collective)."""
+    same, on all of them (no rank is left waiting in a collective). The datasets are ensured here,
+    once per run, before the method is built: the methods only open them."""
+    from trainer.data.prepare import check_datasets, ensure_datasets
+
+    def checks() -> None:
+        preflight(cfg)
+        check_datasets(cfg.data)  # a real dataset not packed: refused before anything is written
+
     run_dir = Path(cfg.run_dir)
-    agreed(lambda: preflight(cfg))
+    agreed(checks)
     if dist.is_main():
         write_run_config(cfg)
-    dist.barrier()
+    ensure_datasets(cfg.data)  # one writer per node makes the synthetic ones, then a barrier
     method = build_method(cfg)
     return Engine(method, cfg.train, cfg.eval, run_dir, stop_flag=stop_flag).fit()
 

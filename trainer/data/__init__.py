@@ -7,10 +7,12 @@ offset per source), ``domain`` (int64 source id), ``index`` (int64 global index)
 
 from __future__ import annotations
 
+from shards.reader import ShardError
+from trainer.data.catalogue import SampleIndex, SourceInfo
 from trainer.data.dataset import ReIDDataset, decode, sample_seeds
 from trainer.data.loader import SeededBatchSampler, TrainLoader, build_inference_loader, build_train_loader
 from trainer.data.samplers import InferenceSampler, PKSampler, class_uniform_epoch, pk_epoch
-from trainer.data.store import SampleIndex, SampleStore, ShardError, SourceInfo, WidsSampleStore
+from trainer.data.store import SampleStore, WidsSampleStore
 from trainer.data.transforms import (
     NORM_PRESETS, LGT, AugRNG, Pipeline, RandomErasing, TransformConfig, build_transforms, pat_config, tmgf_config,
 )

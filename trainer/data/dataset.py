@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from trainer.data.store import SampleIndex
+from trainer.data.catalogue import SampleIndex
 from trainer.data.transforms import Pipeline
 
 _MASK64 = (1 << 64) - 1

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from trainer import dist
 from trainer.data.dataset import ReIDDataset, sample_seeds
 from trainer.data.samplers import InferenceSampler, PKSampler
-from trainer.data.store import SampleIndex
+from trainer.data.catalogue import SampleIndex
 
 
 class SeededBatchSampler:
@@ -69,7 +69,7 @@ def survive_foreign_sigterm(worker_id: int = 0) -> None:
     scancel and SLURM preemption signal every process of the job step, torchrun the process group
     of each rank: the workers get the SIGTERM meant for the rank. Torch's worker handler exits on
     any SIGTERM, so the rank would die on "worker exited unexpectedly" instead of checkpointing at
-    the next step boundary (``trainer.engine.loop.StopFlag``). Python handlers cannot see the
+    the next step boundary (``trainer.engine.stop.StopFlag``). Python handlers cannot see the
     sender, so SIGTERM is blocked here and a thread takes it with ``sigwaitinfo``: from the rank
     (its ``terminate()`` at shutdown) it exits as torch's handler does; from anyone else it is
     dropped — the rank got the same signal and stops the loader itself. Threads started later in
@@ -106,12 +106,14 @@ class _WorkerSeeder:
 
 
 class TrainLoader:
-    """Iterable over one epoch of training batches; owns the sampler's consumed-batch cursor.
+    """Iterable over one epoch of training batches; advances the sampler's consumed-batch cursor.
 
     ``for batch in loader`` yields the remaining batches of the current epoch and advances the
     sampler's cursor as each batch is handed over (prefetching workers run ahead, so the cursor
-    cannot live in the sampler's iterator). ``state_dict``/``load_state_dict``/``set_epoch``
-    delegate to the sampler: a checkpoint taken after k steps resumes at batch k exactly.
+    cannot live in the sampler's iterator). :attr:`cursor` is the training position the engine
+    reads after every step and checkpoints; :meth:`seek` puts it back on resume, so a checkpoint
+    taken after k steps resumes at batch k exactly. ``state_dict``/``load_state_dict``/``set_epoch``
+    delegate to the sampler.
     """
 
     def __init__(self, loader: DataLoader, sampler: PKSampler) -> None:
@@ -126,6 +128,15 @@ class TrainLoader:
     def __len__(self) -> int:
         """Steps per epoch."""
         return len(self.sampler)
+
+    @property
+    def cursor(self) -> int:
+        """Batches of the current epoch handed over to training (the sampler's cursor)."""
+        return self.sampler.cursor
+
+    def seek(self, epoch: int, step: int) -> None:
+        """Stand at batch ``step`` of ``epoch`` (0: the epoch's start)."""
+        self.sampler.seek(epoch, step)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)

@@ -4,6 +4,9 @@ This is what makes ``exp=pat_smoke`` and the demo self-contained: a missing synt
 generated (``shards.synth``) and packed (``shards.pack``) into the cache once, by one process, under
 a lock file, and every later run reuses it. A missing real dataset is a one-line error telling
 the user how to pack it (:func:`check_datasets`, which the launcher calls before anything is written).
+
+:func:`ensure_datasets` runs once per run, before any method is built: in the launcher before it
+submits, and in ``trainer.train.run`` on every rank (a collective); the methods only open the packs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 
 from shards.errors import UserError
 from shards.layouts import LAYOUTS
-from shards.records import MANIFEST, atomic_write_bytes
+from shards.atomic import atomic_write_bytes
+from shards.records import MANIFEST
 from trainer import dist
 from trainer.config import DataConfig, SynthSourceConfig
 
@@ -53,7 +57,8 @@ def _is_current(cfg: DataConfig, name: str) -> bool:
 
 def _make_synthetic(name: str, spec: SynthSourceConfig, out: Path, cache: Path) -> None:
     from shards.pack import pack
-    from shards.synth import SynthConfig, synthesize
+    from shards.synth.config import SynthConfig
+    from shards.synth.write import synthesize
 
     raw = cache / "raw" / name
     if raw.exists():  # a previous attempt died half-way: start clean (synthesis is deterministic)
@@ -84,7 +89,10 @@ def check_datasets(cfg: DataConfig) -> list[str]:
 
 
 def ensure_datasets(cfg: DataConfig) -> list[Path]:
-    """Collective: return the pack folders of sources + targets, creating synthetic ones if missing."""
+    """Collective: return the pack folders of sources + targets, creating synthetic ones if missing.
+
+    The first rank of every node makes what is missing; every rank leaves through one barrier, so
+    the packs are there on return."""
     sources, targets = cfg.resolved()
     names = list(dict.fromkeys(sources + targets))
     missing = check_datasets(cfg)

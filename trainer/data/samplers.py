@@ -1,7 +1,7 @@
 """Batch samplers: the rank-aware identity (P×K) sampler and the exact-once inference sampler.
 
 ``PKSampler`` builds the *global* batch sequence of an epoch from (seed, epoch) alone, with the
-semantics of the reference ``RandomIdentitySampler`` (pat.md §5.3), and hands every rank whole
+semantics of the reference ``RandomIdentitySampler`` (docs/methods/pat.md §Data and recipe), and hands every rank whole
 identities of each global batch (fast-reid's ``reorder_index`` idea), so the union of the ranks'
 local batches at a step is exactly the global batch, whatever the world size. Its state is
 (seed, epoch, cursor): a resumed run yields exactly the remaining batches of the epoch. The pass
@@ -84,7 +84,7 @@ def pk_epoch(pids: np.ndarray, P: int, K: int, rng: np.random.Generator) -> np.n
 
 
 def class_uniform_epoch(pids: np.ndarray, P: int, K: int, rng: np.random.Generator) -> np.ndarray:
-    """One pass of the reference ``ClassUniformlySampler`` (TMGF/O2CAP, tmgf_o2cap.md §7): ``(steps, P, K)``.
+    """One pass of the reference ``ClassUniformlySampler`` (TMGF/O2CAP, docs/methods/tmgf.md §Recipe): ``(steps, P, K)``.
 
     Classes (``pid >= 0``) in random order, each exactly once: K of its images without
     replacement if it has at least K, else K drawn without replacement from its list repeated K
@@ -139,7 +139,8 @@ class PKSampler:
     Rank r receives identities ``r·P/W … (r+1)·P/W − 1`` of every global batch, each as K
     consecutive indices. The cursor counts batches *consumed* by training: the loader advances
     it (see :class:`trainer.data.loader.TrainLoader`), iteration itself does not, because
-    DataLoader workers prefetch ahead of the training step.
+    DataLoader workers prefetch ahead of the training step. It is the run's position inside the
+    epoch: the engine reads it after every step and records it in checkpoints; nothing else counts.
     """
 
     def __init__(self, pids: Sequence[int] | np.ndarray, P: int, K: int, seed: int = 0,
@@ -232,8 +233,14 @@ class PKSampler:
     # -- state ---------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` at its first batch."""
+        self.seek(epoch, 0)
+
+    def seek(self, epoch: int, cursor: int) -> None:
+        """Stand at batch ``cursor`` of ``epoch`` (a resume inside an epoch; 0 starts it)."""
         self.epoch = int(epoch)
-        self.cursor = 0
+        self.cursor = int(cursor)
+        if self.cursor and not 0 < self.cursor <= len(self):  # 0 needs no check: no epoch is generated for it
+            raise ValueError(f"PKSampler: cursor={self.cursor} outside the epoch's {len(self)} steps")
 
     def advance(self, n: int = 1) -> None:
         """Mark ``n`` more batches of the epoch as consumed."""
@@ -246,10 +253,7 @@ class PKSampler:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"PKSampler.load_state_dict: seed={state['seed']} differs from this sampler's "
                              f"seed={self.seed}")
-        self.epoch = int(state["epoch"])
-        self.cursor = int(state["cursor"])
-        if not 0 <= self.cursor <= len(self):
-            raise ValueError(f"PKSampler.load_state_dict: cursor={self.cursor} outside the epoch's {len(self)} steps")
+        self.seek(int(state["epoch"]), int(state["cursor"]))
 
 
 class InferenceSampler:

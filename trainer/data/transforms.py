@@ -1,7 +1,7 @@
 """The papers' image transforms, PIL-based, with every random draw taken from an explicit RNG.
 
-Train (PAT, ``pat.md`` §5.2): Resize((H, W), bicubic) → RandomHorizontalFlip → Pad(10, black) →
-RandomCrop((H, W)) → LGT → ToTensor → Normalize. TMGF/O2CAP (``tmgf_o2cap.md`` §7): the same
+Train (PAT, ``docs/methods/pat.md`` §Data and recipe): Resize((H, W), bicubic) → RandomHorizontalFlip → Pad(10, black) →
+RandomCrop((H, W)) → LGT → ToTensor → Normalize. TMGF/O2CAP (``docs/methods/tmgf.md`` §Recipe): the same
 without LGT, followed by the reference RandomErasing (area 0.02–0.4, aspect 0.3–1/0.3, filled with
 the normalisation *mean* values, written into the normalised tensor). Test: Resize → ToTensor →
 Normalize.
@@ -26,12 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-NORM_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "vit_jx": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # PAT hard-codes 0.5/0.5 (timm's jx ViT weights)
-    "luperson": ((0.3525, 0.3106, 0.3140), (0.2660, 0.2522, 0.2505)),  # TMGF (LUPerson-pretrained ViT-S)
-}
-"""Per-backbone normalisation (mean, std) presets."""
+from trainer.config import NORM_PRESETS, TransformConfig  # the settings (``data.transform``) live with the schema
 
 
 @dataclass
@@ -52,44 +47,13 @@ class AugRNG:
         return cls(g, random.Random(int(b)))
 
 
-@dataclass
-class TransformConfig:
-    """Image transform settings (defaults: PAT's paper-era train recipe at 256×128)."""
-
-    size: tuple[int, int] = (256, 128)
-    """Output (height, width); the resize target and the crop size."""
-    flip_p: float = 0.5
-    """Probability of a horizontal flip (train)."""
-    pad: int = 10
-    """Black border added before the random crop back to ``size`` (train); 0 disables pad + crop."""
-    lgt_p: float = 0.0
-    """Local Grayscale Transformation probability (train; PAT paper era 0.5, 0 = off)."""
-    erasing_p: float = 0.0
-    """Reference RandomErasing probability (train; TMGF/O2CAP 0.5, 0 = off)."""
-    norm: str = "vit_jx"
-    """Normalisation preset: one of ``imagenet``, ``vit_jx``, ``luperson``."""
-
-    def __post_init__(self) -> None:
-        self.size = tuple(int(s) for s in self.size)  # type: ignore[assignment]  # Hydra hands lists
-        if len(self.size) != 2 or min(self.size) <= 0:
-            raise ValueError(f"TransformConfig.size={self.size!r}: expected (height, width) > 0")
-        if self.norm not in NORM_PRESETS:
-            raise ValueError(f"TransformConfig.norm={self.norm!r}: expected one of {sorted(NORM_PRESETS)}")
-        for name in ("flip_p", "lgt_p", "erasing_p"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"TransformConfig.{name}={p!r}: expected a probability in [0, 1]")
-        if self.pad < 0:
-            raise ValueError(f"TransformConfig.pad={self.pad!r}: expected >= 0")
-
-
 def pat_config(size: tuple[int, int] = (256, 128), lgt_p: float = 0.5) -> TransformConfig:
-    """PAT (pat.md §5.2): flip, pad 10 + crop, LGT (0.5 in the paper era), 0.5/0.5 normalisation."""
+    """PAT (docs/methods/pat.md §Data and recipe): flip, pad 10 + crop, LGT (0.5 in the paper era), 0.5/0.5 normalisation."""
     return TransformConfig(size=size, lgt_p=lgt_p, erasing_p=0.0, norm="vit_jx")
 
 
 def tmgf_config(size: tuple[int, int] = (384, 128)) -> TransformConfig:
-    """TMGF (tmgf_o2cap.md §7): flip, pad 10 + crop, LUPerson normalisation, RandomErasing 0.5."""
+    """TMGF (docs/methods/tmgf.md §Recipe): flip, pad 10 + crop, LUPerson normalisation, RandomErasing 0.5."""
     return TransformConfig(size=size, lgt_p=0.0, erasing_p=0.5, norm="luperson")
 
 
@@ -147,7 +111,7 @@ class PadRandomCrop:
 
 
 class LGT:
-    """Local Grayscale Transformation, exactly as PAT's reference code (pat.md §5.2).
+    """Local Grayscale Transformation, exactly as PAT's official code (docs/methods/pat.md §Data and recipe).
 
     With probability ``p``: up to 100 attempts to draw a rectangle of area U(sl, sh)·W·H and
     aspect U(r1, 1/r1); ``h = round(sqrt(A·r))``, ``w = round(sqrt(A/r))``; accepted when
@@ -203,7 +167,7 @@ class ToTensorNormalize:
 
 
 class RandomErasing:
-    """The reference ReID RandomErasing on a normalised C×H×W tensor (tmgf_o2cap.md §7).
+    """The reference ReID RandomErasing on a normalised C×H×W tensor (docs/methods/tmgf.md §Recipe).
 
     With probability ``p``: up to 100 attempts, area U(sl, sh)·H·W, aspect U(r1, 1/r1),
     ``h = round(sqrt(A·r))`` rows, ``w = round(sqrt(A/r))`` columns, accepted when ``w < W and

@@ -4,7 +4,8 @@ Layout of one checkpoint, a directory under ``run_dir/checkpoints``::
 
     step_000001234/
       state.pt          everything global (model, optimizer, scheduler, scaler, method state
-                        such as banks or pseudo labels, sampler, step/epoch), written by rank 0
+                        such as banks or pseudo labels, the position: epoch and the sampler's
+                        step_in_epoch), written by rank 0
       rng_rank{r}.pt    each rank's RNG states (python, numpy, torch CPU, torch CUDA)
       meta.json         format version, step, world size, the keys of state.pt (written last)
 
@@ -31,18 +32,23 @@ import numpy as np
 import torch
 
 from shards.errors import UserError
-from shards.records import fsync_dir
+from shards.atomic import fsync_dir
 from trainer import dist
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
-FORMAT_VERSION = 2
-"""Version of the checkpoint layout, written to ``meta.json``; resume refuses any other. Bump it when
-``state.pt`` changes in a way an older or newer trainer cannot load. Version 1 is the layout from
-before versions were recorded (no ``meta.json``)."""
+FORMAT_VERSION = 3
+"""Version of the checkpoint layout, written to ``meta.json``. Bump it when ``state.pt`` changes in a
+way an older or newer trainer cannot load. Version 1 is the layout from before versions were
+recorded (no ``meta.json``); version 2 kept the sampler's position twice (the engine's ``epoch`` /
+``step_in_epoch`` and a copy in the method state), version 3 keeps the engine's only."""
+RESUMABLE_VERSIONS = (2, FORMAT_VERSION)
+"""What resume accepts: a version-2 checkpoint holds all that version 3 does (its second copy of the
+position is not read)."""
 META = "meta.json"
 
 _FIX = "pass train.resume=never to start over, or another run_dir"
+_RESUMES = "formats " + " and ".join(map(str, RESUMABLE_VERSIONS))
 
 
 class CheckpointError(UserError):
@@ -141,23 +147,24 @@ def check_checkpoint(path: str | os.PathLike[str], required_keys: tuple[str, ...
     """Refuse a checkpoint this trainer cannot resume; returns its ``meta.json``.
 
     Reads only ``meta.json`` (cheap: every rank calls it before any work): the format version must
-    be :data:`FORMAT_VERSION`, ``state.pt`` and the RNG file of every saved rank must be there, and
-    ``state.pt`` must hold ``required_keys``. Raises :class:`CheckpointError` (path and fix) otherwise.
+    be one of :data:`RESUMABLE_VERSIONS`, ``state.pt`` and the RNG file of every saved rank must be
+    there, and ``state.pt`` must hold ``required_keys``. Raises :class:`CheckpointError` (path and
+    fix) otherwise.
     """
     path = Path(path)
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: a checkpoint of format 1 (no {META}: written before checkpoint formats "
-                              f"were versioned); this trainer resumes format {FORMAT_VERSION} only; {_FIX}")
+                              f"were versioned); this trainer resumes {_RESUMES} only; {_FIX}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         version, world, keys = meta["format_version"], int(meta["world_size"]), list(meta["keys"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{meta_file}: unreadable checkpoint metadata ({type(exc).__name__}: {exc}); "
                               f"{_FIX}") from None
-    if version != FORMAT_VERSION:
+    if version not in RESUMABLE_VERSIONS:
         raise CheckpointError(f"{path}: a checkpoint of format {version!r} (written by another version of the "
-                              f"trainer); this trainer resumes format {FORMAT_VERSION} only; {_FIX}")
+                              f"trainer); this trainer resumes {_RESUMES} only; {_FIX}")
     absent = [f for f in ("state.pt", *(f"rng_rank{r}.pt" for r in range(world))) if not (path / f).is_file()]
     if absent:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(absent)}; {_FIX}")

@@ -1,6 +1,8 @@
 """The training loop: method-agnostic, resumable at any step boundary.
 
-Position in training is (epoch, step_in_epoch); with the sampler a pure function of
+Position in training is (epoch, step_in_epoch): the engine runs the epochs, the step inside one is
+the sampler's cursor, read from the batches the method hands over (:class:`Positioned`) after every
+step and recorded in checkpoints; nothing else counts steps. With the sampler a pure function of
 (seed, epoch, step), the saved RNG states, and method state (banks, labels) in the checkpoint, a run
 interrupted anywhere and resumed ends bit-identical to an uninterrupted one.
 """
@@ -9,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
 from trainer.config import EvalConfig, TrainConfig
 from trainer.engine.optim import EpochLR, build_optimizer, param_groups
 from trainer.engine.strategy import Strategy
+from trainer.engine.stop import StopFlag
 
 if TYPE_CHECKING:
     from trainer.engine.prometheus import PrometheusSink
@@ -82,43 +84,39 @@ class FitResult:
     initial: dict[str, Any] = field(default_factory=dict)
 
 
-class StopFlag:
-    """Set by a signal handler on any rank; agreed on by all ranks at step boundaries.
+@runtime_checkable
+class Positioned(Protocol):
+    """Batches that keep their own position (a ``TrainLoader``: the sampler's cursor)."""
 
-    Both signals a run is asked to stop with are handled alike: SIGUSR2 (SLURM's warning before the
-    time limit) and SIGTERM (scancel, preemption with a grace time, torchrun forwarding the SIGTERM it
-    got to every worker's process group). At the next step boundary every rank sees the flag, one
-    checkpoint is written and :meth:`Engine.fit` returns ``stopped``.
+    @property
+    def cursor(self) -> int:
+        """Batches of the current epoch handed over so far."""
+        ...
 
-    :meth:`install` sets only the flag (no I/O) and then calls the previous handler, which suits
-    torchrun. Under submitit the launcher installs its own trap instead (``launch/slurm.py``):
-    submitit's USR2 handler requeues and exits at once, so it must run only after the collective
-    save, never from inside the signal.
-    """
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
 
-    def __init__(self) -> None:
-        self._local = False
-        self._previous: dict[int, Any] = {}
 
-    def set(self) -> None:
-        self._local = True
+class _Counted:
+    """The position of batches that keep none (a plain iterable): counted as they are handed over."""
 
-    def install(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
-        for sig in signals:
-            prev = signal.getsignal(sig)
-            self._previous[sig] = prev
+    def __init__(self, batches: Iterable[dict[str, Any]], start: int) -> None:
+        self._batches = batches
+        self.cursor = start
 
-            def handler(signum: int, frame: Any, prev: Any = prev) -> None:
-                self._local = True
-                if callable(prev):
-                    prev(signum, frame)
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self._batches:
+            self.cursor += 1
+            yield batch
 
-            signal.signal(sig, handler)
 
-    def agreed(self) -> bool:
-        """Collective: True on every rank if any rank was signalled."""
-        flag = torch.tensor([1 if self._local else 0], dtype=torch.int32, device=dist.comm_device())
-        return bool(dist.all_reduce(flag, op="max").item())
+def _positioned(batches: Iterable[dict[str, Any]], epoch: int, start: int) -> Positioned:
+    """``batches`` with a cursor standing at ``start``: their own, or a count from ``start``."""
+    if not isinstance(batches, Positioned):
+        return _Counted(batches, start)
+    if batches.cursor != start:
+        raise RuntimeError(f"epoch {epoch}: the method's batches stand at step {batches.cursor}, "
+                           f"expected {start} (train_batches(epoch, start_step) must seek there)")
+    return batches
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -242,14 +240,14 @@ class Engine:
             self.method.on_epoch_start(model, epoch, step_in_epoch)
             wrapped.train()
             t_last = time.time()
-            batches = self.method.train_batches(epoch, step_in_epoch)
+            batches = _positioned(self.method.train_batches(epoch, step_in_epoch), epoch, step_in_epoch)
             for batch in batches:
                 batch = _to_device(batch, self.device)
                 with self.strategy.autocast():
                     result = self.method.training_step(wrapped, batch)
                 self.strategy.backward_and_step(result.loss, optimizer)
                 self.method.after_optimizer_step(model, batch, result)
-                step_in_epoch += 1
+                step_in_epoch = batches.cursor
                 global_step += 1
                 now = time.time()
                 n_img = int(batch["img"].shape[0]) * dist.get_world_size() if "img" in batch else 0
@@ -298,7 +296,7 @@ class Engine:
 def _update_best(best: dict[str, Any], results: dict[str, Any], epoch: int) -> dict[str, Any]:
     """Best epoch per target by mAP, kept beside the last epoch because the official repo reports it.
     Choosing the epoch on the target domain is an oracle in domain generalization: reports label it
-    so (``trainer/demo.py``); the last epoch is the result."""
+    so (``demo/pat.py``); the last epoch is the result."""
     out = dict(best)
     for target, m in results.items():
         if not isinstance(m, dict) or "mAP" not in m:

@@ -58,7 +58,9 @@ class Method(ABC):
     @abstractmethod
     def train_batches(self, epoch: int, start_step: int) -> Iterable[dict[str, torch.Tensor]]:
         """This rank's batches of ``epoch`` from step ``start_step`` on: a pure function of
-        (seed, epoch, start_step), which is what makes mid-epoch resume sample-exact."""
+        (seed, epoch, start_step), which is what makes mid-epoch resume sample-exact. An iterable with a
+        ``cursor`` (the sampler's position) is the owner of the position: the engine reads and
+        checkpoints it after every step."""
 
     def on_fit_start(self, model: nn.Module, resumed: bool) -> None:
         """Before the first step (e.g. fill a memory bank when not resumed)."""

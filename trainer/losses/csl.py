@@ -313,7 +313,9 @@ def csl_step(
 
     ``update="before"`` (default, the official order): momentum-update the bank with the detached
     batch, then compute the loss against the updated bank. ``"after"``: loss first, then update.
-    ``labels`` (optional, ``b`` int64) are recorded as the rows' identities for PSD.
+    ``labels`` (optional, ``b`` int64) are recorded as the rows' identities for PSD. The one-call
+    form for tests and benchmarks; training writes the bank in the method's memory hook and calls
+    :func:`csl_from_gathered` through ``pat_total``, so no loss of a run writes the bank.
     """
     if update not in ("before", "after", "none"):
         raise ValueError(f"csl_step update={update!r}: expected 'before', 'after' or 'none'")

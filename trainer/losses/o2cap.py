@@ -4,9 +4,9 @@ For a slot (global feature or one part) with L2-normalised features ``x`` [B, D]
 ``M`` [P, D] (read *before* this step's momentum update) and each sample's proxy ``p_i``:
 
 * scores ``s = x M^T``, logits ``z = s / tau`` (tau = 0.07);
-* **offline** (``reference/tmgf_o2cap.md`` §3): positives = every proxy of ``p_i``'s cluster,
+* **offline** (``docs/methods/tmgf.md`` §Offline loss): positives = every proxy of ``p_i``'s cluster,
   negatives = the ``neg_k`` (50) highest-scoring other proxies (all of them when fewer exist);
-* **online** (§4): balanced similarity ``S = w s + (1 - w) <M[p_i], M[q]>`` (w = 0.15, detached);
+* **online** (§Online loss): balanced similarity ``S = w s + (1 - w) <M[p_i], M[q]>`` (w = 0.15, detached);
   per camera the proxy with the largest S (cameras without proxies are skipped); positives = the
   ``pos_k`` (3) best of those per-camera candidates, negatives = the ``neg_k`` highest-S others;
 * both: soft-target cross entropy over positives + negatives, target ``1/|Pos|`` on each positive.

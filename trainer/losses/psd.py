@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.losses.csl import csl_step
+from trainer.losses.csl import csl_from_gathered
 from trainer.losses.id import _check, label_smooth_ce
 from trainer.config import PATConfig
 from trainer.losses.triplet import triplet_loss
 from trainer.memory.bank import PartMemoryBank
+from trainer.memory.batch import GlobalBatch, gather_batch
 
 
 def neighbour_labels(
@@ -170,27 +171,36 @@ def pat_total(
     bank: PartMemoryBank,
     cfg: PATConfig = PATConfig(),
     block_logits: torch.Tensor | None = None,
+    gathered: GlobalBatch | None = None,
 ) -> PATLossOutput:
     """PAT's objective for one step (Eq. 10 with the code's means and weights; collective).
 
     ``total = id_weight·L_ID(+PSD) + triplet_weight·L_TRI + csl_weight·L_CSL`` (``+ sd_weight·L_SD``
-    with ``block_logits`` when ``cfg.sd_weight > 0``: :func:`self_distillation_loss`). The bank is
-    updated with the (detached) batch inside, before the CSL loss unless ``update_before_loss`` is
-    False. ``logits`` ``b×C`` (classifier on BN(cls)), ``cls_feat`` ``b×D`` (pre-BN, triplet),
-    ``part_feats`` ``b×P×D``, ``targets`` ``b`` relabelled pids, ``indices`` ``b`` bank rows.
+    with ``block_logits`` when ``cfg.sd_weight > 0``: :func:`self_distillation_loss`). ``logits``
+    ``b×C`` (classifier on BN(cls)), ``cls_feat`` ``b×D`` (pre-BN, triplet), ``part_feats``
+    ``b×P×D``, ``targets`` ``b`` relabelled pids, ``indices`` ``b`` bank rows.
+
+    The bank is read, never written: the official order writes this step's features into it
+    *before* the loss, and that write is the caller's (the method's memory hook; ``bank.update`` in
+    a test). ``gathered``: the step's global batch when the caller gathered it already, to share it
+    with that write (one gather per step); gathered here from ``part_feats``, ``indices`` and
+    ``targets`` otherwise.
     Every term is a mean over this rank's batch, so DDP's gradient averaging gives the gradient of
     the single-process mean over the global batch (see :mod:`trainer.losses.csl`).
     ``cfg.repo_index_bug`` uses the bank's order of first writes, so it reproduces the official
     lookup exactly (see :func:`neighbour_labels`).
     """
-    csl = csl_step(part_feats, indices, bank, labels=targets, k=cfg.csl_k, scale=cfg.csl_scale,
-                   update="before" if cfg.update_before_loss else "after", nan_to_zero=cfg.csl_nan_to_zero,
-                   form=cfg.csl_form, tau=cfg.csl_tau, part_reduction=cfg.csl_part_reduction)
+    g = gathered if gathered is not None else gather_batch(indices, targets, part_feats, device=bank.device)
+    if g.parts is None:
+        raise ValueError("pat_total: the gathered batch has no part features (gather_batch(..., parts=...))")
+    csl = csl_from_gathered(g.parts, g.indices, bank, k=cfg.csl_k, scale=cfg.csl_scale,
+                            nan_to_zero=cfg.csl_nan_to_zero, form=cfg.csl_form, tau=cfg.csl_tau,
+                            part_reduction=cfg.csl_part_reduction)
     nbr = None
     if cfg.psd:
         nbr = neighbour_labels(bank.labels, csl.neighbour_indices, indices, cfg.repo_index_bug, bank.write_order)
     l_id = psd_loss(logits, targets, nbr, cfg.id_epsilon, cfg.psd_alpha, cfg.psd_lambda_weight, enabled=cfg.psd)
-    l_tri = triplet_loss(cls_feat, targets, cfg.triplet_margin, squared=cfg.triplet_squared)
+    l_tri = triplet_loss(cls_feat, targets, cfg.triplet_margin, squared=cfg.triplet_squared, all_labels=g.labels)
     total = cfg.id_weight * l_id + cfg.triplet_weight * l_tri + cfg.csl_weight * csl.loss
     l_sd = None
     if cfg.sd_weight > 0:

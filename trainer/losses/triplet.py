@@ -44,11 +44,14 @@ def hard_example_mining(dist: torch.Tensor, labels: torch.Tensor,
 
 
 def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = None,
-                 global_batch: bool = True, squared: bool = False) -> torch.Tensor:
+                 global_batch: bool = True, squared: bool = False,
+                 all_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-hard triplet on ``feats`` ``B×D``; ``margin=None`` → soft margin (PAT's setting).
 
     ``global_batch``: under DDP, mine against the all-gathered batch of every rank (collective).
-    ``squared``: squared Euclidean distances (Eq. 9) instead of Euclidean ones (the code)."""
+    ``squared``: squared Euclidean distances (Eq. 9) instead of Euclidean ones (the code).
+    ``all_labels``: the global batch's labels in rank order when the caller gathered them already
+    (:class:`trainer.memory.GlobalBatch`, shared with the memory write); gathered here when None."""
     if feats.dim() != 2 or labels.shape != (feats.shape[0],):
         raise ValueError(
             f"triplet_loss: feats {tuple(feats.shape)} / labels {tuple(labels.shape)}: expected (B, D), (B,)"
@@ -58,7 +61,12 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None
     f = feats if feats.dtype == torch.float64 else feats.float()
     if global_batch and dist.get_world_size() > 1:
         all_f = dist.all_gather_autograd(f)
-        d_ap, d_an = hard_example_mining(euclidean_dist(f, all_f, squared), labels, dist.all_gather(labels))
+        if all_labels is None:
+            all_labels = dist.all_gather(labels)
+        elif all_labels.shape != (all_f.shape[0],):
+            raise ValueError(f"triplet_loss: all_labels {tuple(all_labels.shape)}: expected ({all_f.shape[0]},), "
+                             "the gathered batch's labels")
+        d_ap, d_an = hard_example_mining(euclidean_dist(f, all_f, squared), labels, all_labels)
     else:
         d_ap, d_an = hard_example_mining(euclidean_dist(f, f, squared), labels)
     diff = d_an - d_ap

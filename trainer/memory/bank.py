@@ -4,7 +4,7 @@ Logically the bank is ``M ∈ R^{P×N×D}`` (one bank per part token, one row pe
 addressed by the dataset's global ``index``) plus one identity label per row. Physically rank ``r``
 stores only its rows ``dist.shard_range(N)`` (memory O(N/W)); the labels (N int64) are replicated.
 The tensors are plain fp32 tensors, deliberately *not* module buffers: DeepSpeed casts buffers to
-bf16/fp16, and the bank must stay fp32 (DESIGN §4, ecosystem §0.8).
+bf16/fp16, and the bank must stay fp32 (docs/design.md; DeepSpeed casts module buffers).
 
 Write rule (paper Eq. 5 + the official ``PatchMemory``), applied to every (index, feature) pair in
 order:
@@ -153,8 +153,10 @@ class PartMemoryBank:
     def update(self, indices: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Collective momentum update from this rank's batch (``feats`` ``B×P×D``, detached inside).
 
-        PAT applies it *before* the CSL loss of the same step (official order; see
-        :func:`trainer.losses.csl.csl_step`). ``labels`` (optional) record the rows' identities.
+        ``labels`` (optional) record the rows' identities. A training step that has gathered its
+        batch already (:func:`trainer.memory.batch.gather_batch`, shared with the losses) writes it
+        with :meth:`write_gathered` instead: PAT's memory hook, before the CSL loss of the same step
+        (the official order).
         """
         g_idx, g_feats, g_labels = self.gather(indices, feats, labels)
         self.write_gathered(g_idx, g_feats, g_labels)

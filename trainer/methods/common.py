@@ -1,4 +1,8 @@
-"""Pieces both methods share: stores of the configured datasets, transforms, target evaluation."""
+"""Pieces both methods share: stores of the configured datasets, transforms, target evaluation.
+
+The datasets are ensured (synthetic ones made) once per run before any method is built
+(``trainer.train.run``; the launcher before it submits): here they are only opened.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from torch import nn
 from trainer import dist
 from trainer.config import Config
 from trainer.data.loader import build_inference_loader
-from trainer.data.prepare import dataset_dir, ensure_datasets
-from trainer.data.store import SampleIndex, SampleStore, WidsSampleStore
-from trainer.data.transforms import Pipeline, TransformConfig, build_transforms
+from trainer.data.prepare import dataset_dir
+from trainer.data.catalogue import SampleIndex
+from trainer.data.store import SampleStore, WidsSampleStore
+from trainer.data.transforms import Pipeline, build_transforms
 from trainer.evaluation.extract import extract_features
 from trainer.evaluation.rank import evaluate_features
 
@@ -26,10 +31,7 @@ def open_store(cfg: Config, names: list[str], split: str, relabel: bool) -> Samp
 
 
 def transforms(cfg: Config, train: bool) -> Pipeline:
-    d = cfg.data
-    t = TransformConfig(size=tuple(cfg.model.img_size), flip_p=d.flip_p, pad=d.pad, lgt_p=d.lgt_p,
-                        erasing_p=d.erasing_p, norm=d.norm)
-    return build_transforms(t, train=train)
+    return build_transforms(cfg.data.transform, train=train)
 
 
 @dataclass
@@ -42,7 +44,6 @@ class Target:
 
 
 def open_targets(cfg: Config) -> list[Target]:
-    ensure_datasets(cfg.data)
     _, targets = cfg.data.resolved()
     return [Target(n, open_store(cfg, [n], "query", False), open_store(cfg, [n], "gallery", False)) for n in targets]
 

@@ -1,6 +1,6 @@
 """TMGF on O2CAP (WACV'23 W) as an engine method: unsupervised, re-clustered every epoch.
 
-At the start of every epoch (``reference/tmgf_o2cap.md`` §0–§2)::
+At the start of every epoch (``docs/methods/tmgf.md`` §Epoch, §Clustering, §Proxies)::
 
     features [N, S, D] of all training images   exact-once sharded extraction, eval mode, test
                                                 transform, camera ids; gathered on every rank
@@ -14,10 +14,11 @@ optimizer step → ``memory.update`` with the all-gathered detached features (re
 identical on every rank). The training labels are never read, except by the "w/ GT" variant
 (``tmgf.use_ground_truth``) and by the clustering report (ARI/NMI against the truth).
 
-Resume: pseudo labels, proxies, memory and the sampler's position travel in the checkpoint; a
-resume inside an epoch (``step_in_epoch > 0``) keeps them and does **not** re-cluster, so an
-interrupted run ends bit-identical to an uninterrupted one. A resume at an epoch boundary
-re-clusters like the uninterrupted run does at that point.
+Resume: pseudo labels, proxies and memory travel in the checkpoint, the sampler's position in the
+engine's record of it (``epoch``, ``step_in_epoch``); a resume inside an epoch
+(``step_in_epoch > 0``) keeps them and does **not** re-cluster, so an interrupted run ends
+bit-identical to an uninterrupted one. A resume at an epoch boundary re-clusters like the
+uninterrupted run does at that point.
 
 Cluster statistics: every re-clustering's numbers (``clusters``, ``outliers``, ``proxies``, and
 ``ari``/``nmi`` against the true identities, for the record only) are added to the logs of the
@@ -31,6 +32,7 @@ same eval-mode model, and the pseudo-labelling step of world = W equals that of 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Iterable
@@ -41,11 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer import dist
-from trainer.cluster import jaccard_dbscan
+from trainer.cluster.pipeline import jaccard_dbscan
 from trainer.cluster.proxies import CameraProxies, make_camera_proxies, proxy_centers
-from trainer.config import Config, TMGFConfig
+from trainer.config import Config
 from trainer.data.loader import TrainLoader, build_train_loader
-from trainer.data.prepare import ensure_datasets
 from trainer.engine.method import Method, StepResult
 from trainer.losses.o2cap import ProxyTables, tmgf_loss
 from trainer.memory.proxy import ProxyMemory
@@ -60,7 +61,7 @@ _CAM_INPUTS = ("img", "camid")
 class SlotView(nn.Module):
     """What the extractor gathers from a TMGF model (2-D rows): ``all`` slots (BN'd, L2) flattened to
     [B, S*D], ``raw`` slots (before the BN necks) flattened, or ``global`` (slot 0: the test-time
-    feature, §8)."""
+    feature, docs/methods/tmgf.md §Model)."""
 
     def __init__(self, model: nn.Module, view: str) -> None:
         super().__init__()
@@ -154,8 +155,7 @@ class TMGFMethod(Method):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.t = cfg.tmgf
-        ensure_datasets(cfg.data)
-        sources, _ = cfg.data.resolved()
+        sources, _ = cfg.data.resolved()  # ensured once per run, before the method (trainer.train.run)
         self.train_store = open_store(cfg, sources, "train", relabel=True)
         self.targets = open_targets(cfg)
         for target in self.targets:
@@ -185,10 +185,10 @@ class TMGFMethod(Method):
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        # the camera embedding is sized by the data: every (offset) camera id of the sources
-        if self.cfg.model.num_cams < self.train_store.num_cams:
-            self.cfg.model.num_cams = self.train_store.num_cams
-        model = build_model(self.cfg.model, num_classes=0)
+        # The camera embedding is sized by the data (every offset camera id of the sources). A copy: the
+        # run's config, already written to config.yaml, stays as composed (model.num_cams=0: from the data).
+        num_cams = max(self.cfg.model.num_cams, self.train_store.num_cams)
+        model = build_model(dataclasses.replace(self.cfg.model, num_cams=num_cams), num_classes=0)
         for attr in ("num_slots", "feat_dim"):
             if not hasattr(model, attr):
                 raise TypeError(f"model.name={self.cfg.model.name!r}: TMGF needs a model with `{attr}` returning "
@@ -203,8 +203,7 @@ class TMGFMethod(Method):
     def train_batches(self, epoch: int, start_step: int) -> Iterable[dict[str, torch.Tensor]]:
         if self.loader is None:
             raise RuntimeError("TMGF: no pseudo labels yet (on_epoch_start must run before train_batches)")
-        self.loader.set_epoch(epoch)
-        self.loader.load_state_dict({**self.loader.state_dict(), "epoch": epoch, "cursor": start_step})
+        self.loader.seek(epoch, start_step)
         return self.loader
 
     def on_fit_start(self, model: nn.Module, resumed: bool) -> None:
@@ -329,7 +328,6 @@ class TMGFMethod(Method):
             "labels": torch.from_numpy(self.labels.copy()),
             "proxies": {k: torch.from_numpy(v) for k, v in self.proxies.state_dict().items()},
             "memory": self.memory.state_dict(),
-            "sampler": self.loader.state_dict(),
             "history": list(self.history),
         }
 
@@ -347,9 +345,7 @@ class TMGFMethod(Method):
         if self.memory.num_proxies != proxies.num_proxies:
             raise ValueError(f"TMGF checkpoint: memory has {self.memory.num_proxies} proxies, tables "
                              f"{proxies.num_proxies}")
-        self._install(labels, proxies, int(state["epoch_of_labels"]))
-        assert self.loader is not None
-        self.loader.load_state_dict(state["sampler"])
+        self._install(labels, proxies, int(state["epoch_of_labels"]))  # the position: train_batches(epoch, step)
 
 
 __all__ = ["TMGFMethod", "SlotView", "average_bn_stats", "cluster_features", "clustering_stats"]

@@ -1,5 +1,5 @@
 """TMGF (Li et al., WACV 2023 workshops): a ViT with an IBN conv stem, camera embeddings and a
-dual-branch multi-grained head (``tmgf_o2cap.md`` §6).
+dual-branch multi-grained head.
 
 Tokens: IBN conv stem + kernel-8 projection (total stride 16: 384x128 -> 24x8 grid), cls token,
 ``pos_embed``, and ``cam_embed_coef * E[camid]`` added to every token (0-based camera ids). The trunk
@@ -28,52 +28,10 @@ so an optimizer built earlier stays valid). The trunk's own block L and final La
 module only as the seed: they are never run and are frozen (``requires_grad=False``), so DDP sees no
 unused trainable parameter.
 
-Variants of the paper's ablations (Tables 2-4) are config switches (``TMGF_VARIANTS``):
-
-======  =================================  ===============================================
-name    ModelConfig overrides               meaning
-======  =================================  ===============================================
-tmgf    (defaults)                          two branches, [2, 3] stripes, global = mean cls
-tmgf1   tmgf_granularities=()               baseline: one branch, global cls only (S = 1)
-tmgf2   tmgf_granularities=(2,)             single branch, 2 stripes (S = 3)
-tmgf3   tmgf_granularities=(3,)             single branch, 3 stripes (S = 4)
-tmgf4   tmgf_duplicate_last_block=False     one shared block L, both partitions on its tokens
-tmgf5   tmgf_global="cls1"                  global = cls of branch 1
-tmgf6   tmgf_global="cls2"                  global = cls of branch 2
-======  =================================  ===============================================
-
-Table 3's granularities are ``tmgf_granularities`` = (2, 3) (default), (2, 4), (3, 4).
-
-Pretrained weights (TransReID-SSL ``vit_small_ics_cfs_lup.pth``, trained at 256x128 = a 16x8 grid).
-The checkpoint uses TransReID's names (``libs/models/vit.py``: ``PatchEmbed(stem_conv=True)`` keeps
-its stem in an ``nn.Sequential`` called ``conv``, IBN halves are ``IN``/``BN``); :func:`transreid_key`
-maps them to ours (``module.`` prefixes and ``model``/``state_dict`` wrappers are removed by the reader):
-
-=====================================  ==========================================
-checkpoint key (TransReID)              our key (relative to ``model.backbone``)
-=====================================  ==========================================
-patch_embed.conv.0.weight               patch_embed.stem.conv1.weight
-patch_embed.conv.1.IN.{weight,bias}     patch_embed.stem.norm1.inorm.*
-patch_embed.conv.1.BN.*                 patch_embed.stem.norm1.bnorm.* (+ running stats)
-patch_embed.conv.3.weight               patch_embed.stem.conv2.weight
-patch_embed.conv.4.IN.* / .BN.*         patch_embed.stem.norm2.inorm.* / .bnorm.*
-patch_embed.conv.6.weight               patch_embed.stem.conv3.weight
-patch_embed.conv.7.*                    patch_embed.stem.norm3.* (plain BatchNorm2d)
-patch_embed.proj.{weight,bias}          patch_embed.proj.* (64 -> D, kernel 8, stride 8)
-cls_token, pos_embed                    same (pos grid resized, cls row kept; see below)
-blocks.i.{norm1,attn.qkv,attn.proj,     same (timm's block names)
-  norm2,mlp.fc1,mlp.fc2}.*
-norm.{weight,bias}                      same (then copied into every branch)
-sie_embed / cam_embed                   skipped: cameras are dataset-specific (ours is
-                                        ``model.cam_embed``, trunc-normal 0.02)
-head*, pre_logits*, dist_token          skipped (``load_pretrained``'s rule)
-=====================================  ==========================================
-
-Our own names pass through unchanged. The 16x8 position grid is resized bilinearly (no antialias,
-align_corners=False, = the official ``F.interpolate``) to the model grid; the pretrained grid is not
-square, so set ``model.pretrained_grid: [16, 8]`` (the official ``PRETRAIN_HW_RATIO=2`` inference).
-Checkpoints without the BN ``num_batches_tracked`` counters load too (they keep 0). Anything else
-that does not fit raises one error listing every key.
+The paper's ablations (Tables 2-4) are config switches, ``TMGF_VARIANTS``; the tables, the
+experiments that reproduce them and the architecture in prose are in ``docs/methods/tmgf.md``. The
+IBN stem is :mod:`trainer.models.ibn_stem`, the TransReID checkpoint names
+:mod:`trainer.models.tmgf_weights`.
 """
 
 from __future__ import annotations
@@ -89,139 +47,21 @@ from torch import nn
 
 from .backbones import build_vit, grid_size
 from .heads import frozen_bias_bn
+from .ibn_stem import IBNStemPatchEmbed
 from .registry import ModelConfig, register_model
+from .tmgf_weights import CAMERA_KEYS, OPTIONAL_STEM_KEYS, transreid_key
 from .weights import LoadReport, WeightsError, fit_errors, load_pretrained, read_state_dict
 
 TMGF_VARIANTS: Mapping[str, Mapping[str, Any]] = {
-    "tmgf": {},
-    "tmgf1": {"tmgf_granularities": ()},
-    "tmgf2": {"tmgf_granularities": (2,)},
-    "tmgf3": {"tmgf_granularities": (3,)},
-    "tmgf4": {"tmgf_duplicate_last_block": False},
-    "tmgf5": {"tmgf_global": "cls1"},
-    "tmgf6": {"tmgf_global": "cls2"},
+    "tmgf": {},  # two branches, [2, 3] stripes, global = mean of the branches' cls tokens
+    "tmgf1": {"tmgf_granularities": ()},  # baseline: one branch, global cls only (S = 1)
+    "tmgf2": {"tmgf_granularities": (2,)},  # one branch, 2 stripes (S = 3)
+    "tmgf3": {"tmgf_granularities": (3,)},  # one branch, 3 stripes (S = 4)
+    "tmgf4": {"tmgf_duplicate_last_block": False},  # one shared block L, both partitions on its tokens
+    "tmgf5": {"tmgf_global": "cls1"},  # global = cls of branch 1
+    "tmgf6": {"tmgf_global": "cls2"},  # global = cls of branch 2
 }
 """The paper's model variants (Tables 2 and 4) as ``ModelConfig`` overrides of the full model."""
-
-STEM_WIDTH = 64
-"""Channels of the IBN conv stem (TransReID-SSL's ``hidden_dim``)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# IBN conv stem
-
-
-class IBN(nn.Module):
-    """Instance-Batch Normalisation (IBN-Net): InstanceNorm2d(affine) on the first ``channels // 2``
-    channels, BatchNorm2d on the rest, concatenated back in order."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.half = channels // 2
-        self.inorm = nn.InstanceNorm2d(self.half, affine=True)
-        self.bnorm = nn.BatchNorm2d(channels - self.half)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.split([self.half, x.shape[1] - self.half], dim=1)
-        return torch.cat([self.inorm(a.contiguous()), self.bnorm(b.contiguous())], dim=1)
-
-
-class IBNStem(nn.Module):
-    """7x7/2 conv -> IBN -> ReLU -> 3x3 conv -> IBN -> ReLU -> 3x3 conv -> BN -> ReLU (convs bias-free)."""
-
-    def __init__(self, in_chans: int = 3, width: int = STEM_WIDTH) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.norm1 = IBN(width)
-        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=1, padding=1, bias=False)
-        self.norm2 = IBN(width)
-        self.conv3 = nn.Conv2d(width, width, kernel_size=3, stride=1, padding=1, bias=False)
-        self.norm3 = nn.BatchNorm2d(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm1(self.conv1(x)), inplace=True)
-        x = F.relu(self.norm2(self.conv2(x)), inplace=True)
-        return F.relu(self.norm3(self.conv3(x)), inplace=True)
-
-
-def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-class IBNStemPatchEmbed(nn.Module):
-    """timm ``embed_layer``: IBN stem (stride 2) then a ``patch/2`` conv projection: stride ``patch`` in all.
-
-    Provides what timm's ``VisionTransformer`` reads from a patch embedding (``img_size``,
-    ``patch_size``, ``grid_size``, ``num_patches``) and returns B x N x D tokens, row-major.
-    """
-
-    def __init__(
-        self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int | tuple[int, int] = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        bias: bool = True,
-        dynamic_img_pad: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **unsupported: Any,
-    ) -> None:
-        super().__init__()
-        if unsupported or dynamic_img_pad:
-            raise ValueError(f"IBNStemPatchEmbed supports fixed-size inputs only; got {sorted(unsupported)}"
-                             f"{' and dynamic_img_pad' if dynamic_img_pad else ''}")
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
-        if any(p % 2 for p in self.patch_size):
-            raise ValueError(f"IBN stem needs an even patch size (stem stride 2), got {self.patch_size}")
-        kernel = (self.patch_size[0] // 2, self.patch_size[1] // 2)
-        self.stem = IBNStem(in_chans, STEM_WIDTH)
-        self.proj = nn.Conv2d(STEM_WIDTH, embed_dim, kernel_size=kernel, stride=kernel, bias=bias)
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
-        # Conv arithmetic: 7x7/2 pad 3, then kernel = stride = patch/2.
-        stem_hw = [(s - 1) // 2 + 1 for s in self.img_size]
-        self.grid_size = (stem_hw[0] // kernel[0], stem_hw[1] // kernel[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        if self.num_patches == 0:
-            raise ValueError(f"img_size {self.img_size} is smaller than one patch {self.patch_size}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input is {tuple(x.shape[-2:])}, the model was built for img_size {self.img_size}")
-        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint names
-
-_TRANSREID_STEM = (
-    ("patch_embed.conv.0.", "patch_embed.stem.conv1."),
-    ("patch_embed.conv.1.IN.", "patch_embed.stem.norm1.inorm."),
-    ("patch_embed.conv.1.BN.", "patch_embed.stem.norm1.bnorm."),
-    ("patch_embed.conv.3.", "patch_embed.stem.conv2."),
-    ("patch_embed.conv.4.IN.", "patch_embed.stem.norm2.inorm."),
-    ("patch_embed.conv.4.BN.", "patch_embed.stem.norm2.bnorm."),
-    ("patch_embed.conv.6.", "patch_embed.stem.conv3."),
-    ("patch_embed.conv.7.", "patch_embed.stem.norm3."),
-)
-_CAMERA_KEYS = ("sie_embed", "cam_embed")
-_OPTIONAL_KEYS = (
-    "patch_embed.stem.norm1.bnorm.num_batches_tracked",
-    "patch_embed.stem.norm2.bnorm.num_batches_tracked",
-    "patch_embed.stem.norm3.num_batches_tracked",
-)
-
-
-def transreid_key(key: str) -> str | None:
-    """Our backbone key for a TransReID(-SSL) checkpoint key (None = skip it); see the module doc."""
-    if key in _CAMERA_KEYS:
-        return None
-    for old, new in _TRANSREID_STEM:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +157,7 @@ class TMGF(nn.Module):
         state = read_state_dict(path)
         if any(k.startswith("branches.") for k in state):
             return self.load_tmgf_weights(state, path)
-        report = load_pretrained(self, path, old_grid=old_grid, rename=transreid_key, allow_missing=_OPTIONAL_KEYS)
+        report = load_pretrained(self, path, old_grid=old_grid, rename=transreid_key, allow_missing=OPTIONAL_STEM_KEYS)
         self.reseed_branches()
         return report
 
@@ -332,13 +172,13 @@ class TMGF(nn.Module):
         """
         report = LoadReport(path=str(path))
         own = self.state_dict()
-        misfit = fit_errors(own, state, ignore=_CAMERA_KEYS)
+        misfit = fit_errors(own, state, ignore=CAMERA_KEYS)
         if misfit:
             raise WeightsError(f"{path}: a TMGF checkpoint that does not fit this TMGF model ({misfit}); pass a TMGF "
                                "model of the same backbone, img_size, granularities and variant, or model.pretrained="
                                "'' to train from scratch")
         for key, value in state.items():
-            if key in _CAMERA_KEYS:
+            if key in CAMERA_KEYS:
                 report.skipped.append(key)
                 continue
             own[key].copy_(value.to(dtype=own[key].dtype))

@@ -22,24 +22,37 @@ The target is ``model.backbone`` when the model has one, else the model itself; 
 relative to that target. A ``rename`` hook maps foreign key names (e.g. a conv-stem checkpoint) to
 the backbone's and may drop a key by returning None.
 
-A file that is missing, unreadable, of an unknown format or that does not fit the model is a
-:class:`WeightsError` (a ``UserError``: one line naming the file, what is wrong and the fix).
+``model.pretrained`` may also name a timm model, ``timm:<model>[.<pretrained tag>]`` (e.g.
+``timm:vit_base_patch16_224.augreg2_in21k_ft_in1k``; no tag = timm's default): :func:`resolve_weights`
+finds its file where timm itself keeps it — the Hugging Face hub cache (``HF_HUB_CACHE``, default
+``$HF_HOME/hub``) for the ``hf_hub_id`` of timm's pretrained config, or torch hub's cache
+(``$TORCH_HOME/hub/checkpoints``) for its ``url`` — and downloads it there (``hf_hub_download``, as
+timm does) only when it is not cached and the machine is online (``HF_HUB_OFFLINE`` unset). The file
+then goes through the same reading and adaptation as a local one, so ``timm:NAME`` and that file give
+the same model.
+
+A file that is missing, unreadable, of an unknown format or that does not fit the model, and a timm
+name timm does not know or that is neither cached nor downloadable, is a :class:`WeightsError` (a
+``UserError``: one line naming the file, what is wrong and the fix).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Mapping
+from urllib.parse import urlparse
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from shards.errors import UserError
+from trainer.config import TIMM_PREFIX, timm_name_problem
 
 SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
 _SKIP_TOP_LEVEL = ("head", "head_dist", "pre_logits", "dist_token")
@@ -133,23 +146,31 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a local weight file as a flat ``name -> tensor`` dict (CPU), by file suffix.
+    """Tensors of a local weight file, or of a ``timm:NAME`` (see :func:`resolve_weights`), as a flat
+    ``name -> tensor`` dict (CPU), by file suffix.
 
     Raises :class:`WeightsNotFound` for a missing file and :class:`WeightsError` for an unknown
     suffix or a file its reader cannot parse (truncated, another format under the suffix, a pickle
     that is not plain tensors: never executed)."""
-    path = Path(path)
+    return _read_weights(path)[1]
+
+
+def _read_weights(spec: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the file read, its tensors) for a local path or a ``timm:NAME``."""
+    path = resolve_weights(spec)
     if not path.is_file():
         raise WeightsNotFound(f"model.pretrained={path}: no such file; pass the path of a local weight file "
                               f"({'/'.join(SUFFIXES)}), or model.pretrained='' to train from scratch")
     suffix = path.suffix.lower()
+    if is_timm_name(spec) and suffix == ".bin":  # a hub repo's pytorch_model.bin is a torch pickle
+        suffix = ".pth"
     if suffix not in SUFFIXES:
         raise WeightsError(f"{path}: unknown weight format {suffix!r}; expected one of {SUFFIXES} (convert the file, "
                            f"e.g. to .safetensors, or pass another model.pretrained)")
     from safetensors import SafetensorError
 
     try:
-        return _read(path, suffix)
+        return path, _read(path, suffix)
     except WeightsError:
         raise
     except pickle.UnpicklingError as e:  # e.g. a whole pickled nn.Module: refuse to execute it
@@ -184,6 +205,144 @@ def _read(path: Path, suffix: str) -> dict[str, torch.Tensor]:
 
         return _unwrap(load_file(str(path), device="cpu"), path)
     return _read_npz(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm:NAME — a timm model's pretrained weights, from timm's own caches
+
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+"""Files timm reads from a hub repo without an ``hf_hub_filename``, in its order (safetensors first)."""
+
+
+def is_timm_name(spec: object) -> bool:
+    """Whether a ``model.pretrained`` value is the ``timm:<model>[.<tag>]`` form."""
+    return isinstance(spec, (str, Path)) and str(spec).startswith(TIMM_PREFIX)
+
+
+@dataclass(frozen=True)
+class TimmSource:
+    """Where timm keeps the weights of one pretrained tag (from timm's pretrained config)."""
+
+    spec: str
+    """The ``model.pretrained`` value, ``timm:...``."""
+    repo: str | None
+    """Hugging Face hub repo (timm's ``hf_hub_id``), e.g. ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``."""
+    revision: str | None
+    """Repo revision (an ``@rev`` suffix of ``hf_hub_id``); None = ``main``."""
+    filenames: tuple[str, ...]
+    """Files of the repo timm would read, in its order."""
+    url: str | None
+    """timm's direct download URL, cached by torch hub under its file name."""
+
+    def hub_file(self, filename: str) -> Path:
+        """Where the hub cache keeps ``filename`` of this repo (read by ``try_to_load_from_cache``)."""
+        from huggingface_hub import constants
+
+        folder = "models--" + str(self.repo).replace("/", "--")  # the hub cache's layout
+        return Path(constants.HF_HUB_CACHE).absolute() / folder / "snapshots" / (self.revision or "main") / filename
+
+    def url_file(self) -> Path:
+        """Where torch hub (timm's ``url`` downloads) caches ``url``."""
+        return Path(torch.hub.get_dir()).absolute() / "checkpoints" / os.path.basename(urlparse(str(self.url)).path)
+
+
+def timm_source(spec: str) -> TimmSource:
+    """Where timm keeps ``timm:<model>[.<tag>]``'s weights; a :class:`WeightsError` if timm has none."""
+    from timm.models import get_pretrained_cfg
+
+    problem = timm_name_problem(spec)
+    if problem is not None:
+        raise WeightsError(f"model.pretrained={spec!r}: expected {problem}")
+    cfg = get_pretrained_cfg(spec[len(TIMM_PREFIX):])
+    repo, _, revision = (cfg.hf_hub_id or "").partition("@")
+    if not repo and not cfg.url:
+        raise WeightsError(f"model.pretrained={spec!r}: timm names no download for these weights; pick another "
+                           f"tag, or pass model.pretrained=FILE of a local weight file")
+    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_FILES
+    return TimmSource(spec=spec, repo=repo or None, revision=revision or None, filenames=files, url=cfg.url or None)
+
+
+def timm_cached_file(source: TimmSource) -> Path | None:
+    """The cached file of ``source`` (hub cache first, as timm prefers the hub; then torch hub's), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in source.filenames if source.repo else ():
+        hit = try_to_load_from_cache(source.repo, filename, revision=source.revision)
+        if isinstance(hit, str):  # not None and not the cache's "known absent" marker
+            return Path(hit)
+    if source.url and source.url_file().is_file():
+        return source.url_file()
+    return None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _not_cached(source: TimmSource, why: str) -> str:
+    """The one line for weights this machine does not have: the file to place, where, or the alternative."""
+    if source.repo:
+        name = source.filenames[0]
+        place, get = source.hub_file(name), f"hf download {source.repo} {name}"
+    else:
+        name = source.url_file().name
+        place, get = source.url_file(), f"from {source.url}"
+    return (f"model.pretrained={source.spec!r}: {why}; place its {name} at {place} (downloaded on a machine with "
+            f"network: {get}), or pass model.pretrained=/path/to/{name}, or model.pretrained='' to train from scratch")
+
+
+def locate_timm_weights(spec: str) -> Path | None:
+    """The cached file of a ``timm:`` value, or None when it is not cached but this machine may download
+    it. Reads only (no network): raises :class:`WeightsNotFound` when it is neither cached nor
+    downloadable (``HF_HUB_OFFLINE``), :class:`WeightsError` for a name timm does not know."""
+    source = timm_source(spec)
+    found = timm_cached_file(source)
+    if found is None and _offline():
+        raise WeightsNotFound(_not_cached(source, "not in timm's cache and this machine is offline (HF_HUB_OFFLINE=1)"))
+    return found
+
+
+def _fetch(source: TimmSource) -> Path:
+    """Download ``source`` into timm's cache as timm would: the hub repo's first file it has, else the URL
+    into torch hub's cache."""
+    import timm
+
+    if not source.repo:
+        dest = source.url_file()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(str(source.url), str(dest), progress=False)
+        return dest
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    *alternatives, last = source.filenames
+    for filename in alternatives:
+        try:
+            return Path(hf_hub_download(source.repo, filename, revision=source.revision,
+                                        library_name="timm", library_version=timm.__version__))
+        except RemoteEntryNotFoundError:  # the repo has no such file: timm then tries the next
+            pass
+    return Path(hf_hub_download(source.repo, last, revision=source.revision,
+                                library_name="timm", library_version=timm.__version__))
+
+
+def _download(source: TimmSource) -> Path:
+    """:func:`_fetch`, any failure as one line (what failed, the file to place and where)."""
+    try:
+        return _fetch(source)
+    except Exception as e:  # network, proxy, auth, disk: the machine's state, reported as the user's to fix
+        raise WeightsNotFound(_not_cached(source, f"download failed ({type(e).__name__}: {_first_line(e)})")) from None
+
+
+def resolve_weights(spec: str | Path) -> Path:
+    """The local file ``model.pretrained`` names: the path itself, or for ``timm:NAME`` the file in timm's
+    cache, downloaded there first when it is missing and the machine is online (see the module doc)."""
+    if not is_timm_name(spec):
+        return Path(spec)
+    found = locate_timm_weights(str(spec))
+    return found if found is not None else _download(timm_source(str(spec)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +429,8 @@ def load_pretrained(
     rename: Callable[[str], str | None] | None = None,
     allow_missing: Collection[str] = (),
 ) -> LoadReport:
-    """Load ``path`` into ``model.backbone`` (or ``model``), adapting tokens and positions; see the module doc.
+    """Load ``path`` (a file or ``timm:NAME``) into ``model.backbone`` (or ``model``), adapting tokens and
+    positions; see the module doc.
 
     ``old_grid`` is the pretrained patch grid when it is neither square nor the model's own.
     ``allow_missing`` lists model keys, or prefixes ending in ``.``, that the checkpoint may lack
@@ -278,14 +438,13 @@ def load_pretrained(
     Raises :class:`WeightsNotFound` (a FileNotFoundError) or :class:`WeightsError` (a ValueError: bad
     format, or one line counting the missing, unexpected and mis-shaped keys with a few names of each).
     """
-    path = Path(path)
     target = getattr(model, "backbone", model)
     if getattr(target, "cls_token", None) is None or getattr(target, "pos_embed", None) is None:
         raise TypeError(f"load_pretrained needs a ViT with cls_token and pos_embed, got {type(target).__name__}")
+    path, raw = _read_weights(path)  # a timm:NAME becomes the cached file it names
     report = LoadReport(path=str(path))
     state: dict[str, torch.Tensor] = {}
     ckpt: dict[str, torch.Tensor] = {}  # every renamed key, the skipped ones too (they own pos rows)
-    raw = read_state_dict(path)
     if "cls_token" not in raw and "backbone.cls_token" in raw:
         # a whole model of ours (PAT, TMGF: model_final.safetensors): its backbone initialises this one
         report.skipped.extend(k for k in raw if not k.startswith("backbone."))

@@ -1,6 +1,6 @@
-"""``python -m trainer.tmgf_demo [key=value …]`` — TMGF, unsupervised domain adaptation, on this machine.
+"""``python -m demo.tmgf [key=value …]`` — TMGF, unsupervised domain adaptation, on this machine.
 
-Two stages, both through ``launch/slurm.py --cluster local`` with 2 gloo processes:
+Two stages, both through the launcher's local cluster with 2 gloo processes:
 
 1. the source model: the PAT demo (``exp=pat_demo``: labelled synthetic domain A), trained only if
    ``model.pretrained`` (default ``runs/pat_demo/model_final.safetensors``) does not exist yet — the
@@ -14,8 +14,8 @@ then checks the demo's two acceptance bars: #clusters within 20% of the true ide
 mAP at least 15 points above the model TMGF started from.
 
 Exit status: 0 when both bars hold, 3 (:data:`ACCEPTANCE_FAILED`) when the run went through but a bar
-does not hold, 2 for a user's mistake (one line on stderr), the launcher's own status when training
-failed. Only the last epoch is reported: TMGF picks no epoch on the target.
+does not hold, 2 for a user's mistake (one line on stderr), 1 when training failed (one line naming the
+job's log). Only the last epoch is reported: TMGF picks no epoch on the target.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from demo.common import NPROC, prepare, table, train_local
+from demo.pat import run_pat_demo
 from shards.errors import UserError, run_cli
 from trainer.config import compose
-from trainer.demo import NPROC, launch_local, prepare, run_pat_demo, table
 
+PROG = "demo.tmgf"
 SOURCE_EXP = "pat_demo"
 ACCEPTANCE_FAILED = 3
-"""Exit status of a demo that ran but misses an acceptance bar (2 is a user's mistake, 1 a bug)."""
+"""Exit status of a demo that ran but misses an acceptance bar (2 is a user's mistake, 1 a bug or a failed job)."""
 MIN_MAP_GAIN = 15.0
 """Target mAP points TMGF must add to the source model."""
 CLUSTER_RATIO = (0.8, 1.2)
@@ -98,7 +100,7 @@ def run_demo(args: list[str]) -> int:
     prepare(cfg)
     print(f"[3/3] train TMGF (unsupervised) with {NPROC} local processes (gloo) through the SLURM launcher's "
           f"local cluster: {cfg.run_dir}", flush=True)
-    rc = launch_local(overrides)
+    rc = train_local(overrides)
     if rc != 0:
         return rc
     text, numbers = summarize(Path(cfg.run_dir))
@@ -125,7 +127,7 @@ def demo_status(numbers: dict[str, float]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    return run_cli("trainer.tmgf_demo", lambda: run_demo(args))
+    return run_cli(PROG, lambda: run_demo(args))
 
 
 if __name__ == "__main__":
