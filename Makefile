@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv demo tmgf-demo test bench clean
+.PHONY: venv demo tmgf-demo test test-fast lint bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,8 +23,17 @@ demo: $(STAMP)
 tmgf-demo: $(STAMP)
 	$(PY) -m demo.tmgf
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# the suite without the slow and SLURM tests (a few minutes): for the edit-test loop
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not slurm" tests
+
+# ruff and mypy, configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) bench/eval.py

@@ -78,10 +78,11 @@ def bench_ours(n: int, batch: int, parts: int, dim: int, k: int, steps: int, dev
     for s in range(steps + 1):  # step 0 warms up
         f = feats[s].clone().requires_grad_()
 
-        def update() -> None:
+        # Bound as defaults: each closure is timed within this iteration, with this step's tensors.
+        def update(s: int = s, f: torch.Tensor = f) -> None:
             bank.update(idxs[s], f.detach())
 
-        def loss() -> None:
+        def loss(s: int = s, f: torch.Tensor = f) -> None:
             csl_step(f, idxs[s], bank, k=k, update="none").loss.backward()
 
         u, l_ = _timeit(update, device), _timeit(loss, device)
@@ -161,12 +162,13 @@ def bench_official(n: int, batch: int, parts: int, dim: int, k: int, steps: int,
         paths = [f"img_{int(i):07d}.jpg" for i in idxs[s]]
         box: dict[str, torch.Tensor] = {}
 
-        def update() -> None:
+        # Bound as defaults: each closure is timed within this iteration, with this step's tensors.
+        def update(paths: list[str] = paths, fp: torch.Tensor = fp, box: dict[str, torch.Tensor] = box) -> None:
             pos = bank.update(paths, fp, [0] * batch)
             box["centers"] = torch.stack(bank.agent, dim=1).to(device)  # 3×N×768, every step
             box["position"] = torch.tensor(pos, device=device)
 
-        def loss() -> None:
+        def loss(fp: torch.Tensor = fp, box: dict[str, torch.Tensor] = box) -> None:
             official_loss(fp, box["centers"], box["position"], bank.vid, k, 0.02).backward()
 
         u, l_ = _timeit(update, device), _timeit(loss, device)

@@ -138,8 +138,8 @@ def _main(argv: list[str] | None) -> None:
         for n in alone:
             ours, lo = run("ours", n, args, tmp)
             ow = ours["peak_bytes"] - ours["base_bytes"]
-            print(f"| {n:,} | - | {ours['seconds']:.2f} | - | - | {ours['peak_bytes'] / mb:.0f} / {ow / mb:.0f} | - | - "
-                  f"| - | - | {lo.max() + 1} | {int((lo == -1).sum())} |", flush=True)
+            print(f"| {n:,} | - | {ours['seconds']:.2f} | - | - | {ours['peak_bytes'] / mb:.0f} / {ow / mb:.0f} "
+                  f"| - | - | - | - | {lo.max() + 1} | {int((lo == -1).sum())} |", flush=True)
             print(f"  ours stages (s): {json.dumps({k: round(v, 2) for k, v in ours['stats'].items()})}", flush=True)
 
 

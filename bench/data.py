@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cli import Parser, non_negative_int, positive_int, run_cli  # noqa: E402
 from shards.pack import pack  # noqa: E402
-from trainer.data.dataset import ReIDDataset  # noqa: E402
 from trainer.data.catalogue import SampleIndex  # noqa: E402
+from trainer.data.dataset import ReIDDataset  # noqa: E402
 from trainer.data.store import SampleStore, WidsSampleStore  # noqa: E402
 from trainer.data.transforms import TransformConfig, build_transforms  # noqa: E402
 

@@ -12,8 +12,14 @@ import sys
 from launch.executor import executor_parameters, job_environment, render_sbatch, slurm_parameters
 from launch.plan import LaunchPlan
 from launch.resources import (
-    CLUSTERS, DEFAULT_MAX_REQUEUES, DEFAULT_SIGNAL_DELAY_S, DEFAULT_TIME, LOCAL_MAX_REQUEUES, START_ALLOWANCE_S,
-    Resources, resources,
+    CLUSTERS,
+    DEFAULT_MAX_REQUEUES,
+    DEFAULT_SIGNAL_DELAY_S,
+    DEFAULT_TIME,
+    LOCAL_MAX_REQUEUES,
+    START_ALLOWANCE_S,
+    Resources,
+    resources,
 )
 from shards.errors import CliParser
 

@@ -99,6 +99,7 @@ def make_executor(cluster: str, folder: str | os.PathLike[str], res: Resources, 
     """The submitit executor for ``cluster``, its parameters set. ``local`` is built directly:
     AutoExecutor does not pass ``signal_delay_s`` (nor the time-out cap) to the LocalExecutor."""
     params = executor_parameters(res, cluster, job_name)
+    folder = Path(folder)  # submitit takes str | Path (and makes a Path of it)
     executor: submitit.Executor
     if cluster == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=res.max_requeues,

@@ -34,9 +34,8 @@ def check_run(cfg: Config) -> None:
     """What the run needs from this machine before anything is written or queued: a resumable run
     dir (same training config), a writable run dir, the files the config names (pretrained weights,
     a checkpoint to resume) and every real dataset packed."""
-    from trainer.train import check_files
     from trainer.data.prepare import check_datasets
-    from trainer.train import check_resume_config, check_run_dir
+    from trainer.train import check_files, check_resume_config, check_run_dir
 
     check_resume_config(cfg)
     check_run_dir(cfg)

@@ -46,11 +46,19 @@ import torch  # noqa: E402
 
 from launch.cli import PROG, build_parser, print_dry_run, resources_from_args  # noqa: E402
 from launch.executor import (  # noqa: E402
-    check_slurm_installed, job_environment, make_executor, slurm_parameters,
+    check_slurm_installed,
+    job_environment,
+    make_executor,
+    slurm_parameters,
 )
 from launch.plan import LaunchPlan, plan  # noqa: E402
 from launch.requeue import (  # noqa: E402
-    LAUNCH_LOG, REQUEUES_FILE, launch_log, read_requeues, record_requeue, reset_requeues,
+    LAUNCH_LOG,
+    REQUEUES_FILE,
+    launch_log,
+    read_requeues,
+    record_requeue,
+    reset_requeues,
 )
 from launch.resources import START_ALLOWANCE_S, LaunchError, Resources, parse_mem, parse_time  # noqa: E402
 from shards.atomic import atomic_write_bytes  # noqa: E402

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 USAGE_EXIT = 2
 """Exit code of a user mistake (argparse's own, so a bad flag and a bad value look alike)."""

@@ -47,11 +47,20 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
+from shards.atomic import fsync_dir
 from shards.errors import CliParser, UserError, run_cli
 from shards.layouts import LAYOUTS, detect_msmt17_variant, parse
-from shards.atomic import fsync_dir
 from shards.records import (
-    IMAGE_MEMBERS, MANIFEST, SPLITS, Manifest, Record, SampleMeta, ShardInfo, SkippedFile, SplitInfo, member_name,
+    IMAGE_MEMBERS,
+    MANIFEST,
+    SPLITS,
+    Manifest,
+    Record,
+    SampleMeta,
+    ShardInfo,
+    SkippedFile,
+    SplitInfo,
+    member_name,
     sample_key,
 )
 

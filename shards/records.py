@@ -121,7 +121,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str = "manifest") -> "Manifest":
+    def from_json(cls, text: str, source: str = "manifest") -> Manifest:
         try:
             raw = json.loads(text)
             version = raw.get("schema_version")

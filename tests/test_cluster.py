@@ -11,9 +11,9 @@ from sklearn.cluster import DBSCAN
 
 from tests.mp import run_distributed
 from trainer.cluster.dbscan import dbscan_edges
+from trainer.cluster.jaccard import encode, expansion_sets, jaccard_edges, jaccard_pairs, query_expansion
 from trainer.cluster.knn import exact_knn, snap_features
 from trainer.cluster.pipeline import jaccard_dbscan
-from trainer.cluster.jaccard import encode, expansion_sets, jaccard_edges, jaccard_pairs, query_expansion
 from trainer.cluster.reference import reference_jaccard, reference_jaccard_dbscan
 
 
@@ -106,7 +106,8 @@ def test_jaccard_values_bit_identical(k1, k2):
         want_i, want_j = np.nonzero(np.triu(dense <= eps))
         assert sorted(zip(ei.tolist(), ej.tolist())) == sorted(zip(want_i.tolist(), want_j.tolist()))
     # the split into row blocks (distributed shards, small accumulators) changes nothing
-    parts = [jaccard_pairs(vq, None, (a, b), budget=3 * n, max_triples=500) for a, b in [(0, 150), (150, 151), (151, n)]]
+    parts = [jaccard_pairs(vq, None, (a, b), budget=3 * n, max_triples=500)
+             for a, b in [(0, 150), (150, 151), (151, n)]]
     pi, pj, pv = (np.concatenate([p[t] for p in parts]) for t in range(3))
     assert len(pi) == len(i)
     np.testing.assert_array_equal(pv, dense[pi, pj])
@@ -246,4 +247,5 @@ def test_memory_stays_linear():
     jaccard_dbscan(x, k1=20)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < n * n * 4 / 4, f"peak {peak / 2**20:.0f} MiB: an N x N float32 array would be {n * n * 4 / 2**20:.0f} MiB"
+    assert peak < n * n * 4 / 4, (
+        f"peak {peak / 2**20:.0f} MiB: an N x N float32 array would be {n * n * 4 / 2**20:.0f} MiB")

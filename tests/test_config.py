@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 from trainer.config import (
-    CONFIG_DIR, Config, ConfigError, DataConfig, EvalConfig, OptimConfig, PATConfig, TMGFConfig, TrainConfig,
-    TransformConfig, compose,
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    OptimConfig,
+    PATConfig,
+    TMGFConfig,
+    TrainConfig,
+    TransformConfig,
+    compose,
 )
 from trainer.train import check_files
 

@@ -20,8 +20,17 @@ from shards.records import read_manifest
 from shards.verify import check_shard, verify
 from tests.mp import run_distributed
 from trainer.data import (
-    LGT, AugRNG, RandomErasing, ReIDDataset, SampleStore, ShardError, TransformConfig, WidsSampleStore,
-    build_inference_loader, build_train_loader, build_transforms,
+    LGT,
+    AugRNG,
+    RandomErasing,
+    ReIDDataset,
+    SampleStore,
+    ShardError,
+    TransformConfig,
+    WidsSampleStore,
+    build_inference_loader,
+    build_train_loader,
+    build_transforms,
 )
 from trainer.data.transforms import NORM_PRESETS
 

@@ -11,11 +11,10 @@ from torch import nn
 
 from tests.mp import run_distributed
 from trainer import dist
+from trainer.config import EvalConfig, OptimConfig, TrainConfig
 from trainer.engine.checkpoint import list_checkpoints, save_checkpoint
-from trainer.config import EvalConfig, TrainConfig
 from trainer.engine.loop import Engine
 from trainer.engine.method import Method, StepResult
-from trainer.config import OptimConfig
 from trainer.engine.optim import EpochLR, build_optimizer, param_groups
 
 N, DIM, CLASSES, GLOBAL_BATCH, STEPS = 48, 8, 4, 8, 4

@@ -362,7 +362,8 @@ def _save_npz(vit, path) -> None:
         for j, name in enumerate(("query", "key", "value")):
             w[p + f"MultiHeadDotProductAttention_1/{name}/kernel"] = qkv_w[j * d : (j + 1) * d].T.reshape(d, heads, hd)
             w[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j * d : (j + 1) * d].reshape(heads, hd)
-        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].reshape(d, heads, hd).transpose(1, 2, 0)
+        out_kernel = sd[b + "attn.proj.weight"].reshape(d, heads, hd).transpose(1, 2, 0)
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = out_kernel
         w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
         for r in range(2):
             w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
@@ -482,7 +483,8 @@ def test_weight_errors_are_one_line_user_errors_with_counts_names_and_fix(tmp_pa
     msg = str(err.value)
     n_block = sum(k.startswith("blocks.1.") for k in source_vit.state_dict())
     assert "\n" not in msg and msg.startswith(f"{path}: weights do not fit the model's VisionTransformer (")
-    assert f"{n_block + 1} missing: reg_token, blocks.1.norm1.weight, blocks.1.norm1.bias, ... and {n_block - 2} more" in msg
+    assert (f"{n_block + 1} missing: reg_token, blocks.1.norm1.weight, blocks.1.norm1.bias, "
+            f"... and {n_block - 2} more") in msg
     assert "5 unexpected: extra.0, extra.1, extra.2, ... and 2 more" in msg
     assert "1 shape mismatch: cls_token (expected (1, 1, 64), found (1, 1, 32))" in msg
     assert msg.endswith("or model.pretrained='' to train from scratch") and len(msg) < 600
@@ -491,7 +493,8 @@ def test_weight_errors_are_one_line_user_errors_with_counts_names_and_fix(tmp_pa
     for name, data in (("cut.safetensors", b"\x10\x00\x00"), ("cut.pth", b"PK\x03\x04 truncated"),
                        ("cut.npz", b"not a zip")):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(WeightsError, match=rf"{name}: (cannot read it as|not a plain tensor checkpoint, or a damaged)"):
+        with pytest.raises(WeightsError,
+                           match=rf"{name}: (cannot read it as|not a plain tensor checkpoint, or a damaged)"):
             load_pretrained(model, tmp_path / name)
 
 

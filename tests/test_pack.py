@@ -18,7 +18,14 @@ from shards.layouts import parse
 from shards.pack import pack
 from shards.reader import ShardError, ShardSample, read_samples
 from shards.records import (
-    MANIFEST, SPLITS, Manifest, SampleMeta, member_name, read_manifest, sample_key, split_member_name,
+    MANIFEST,
+    SPLITS,
+    Manifest,
+    SampleMeta,
+    member_name,
+    read_manifest,
+    sample_key,
+    split_member_name,
 )
 from shards.verify import VerifyError, verify
 from tests.fixtures_layouts import MARKET_FILES, make_cuhk03np, make_market, make_msmt_lists, write_images
@@ -654,7 +661,8 @@ def _members_end(data: bytes) -> int:
 
 def _pax(data: bytes) -> bytes:
     out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+    with (tarfile.open(fileobj=io.BytesIO(data)) as src,
+          tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst):
         for m in src:
             m.pax_headers = {"comment": "forces a pax extended header"}
             dst.addfile(m, src.extractfile(m))

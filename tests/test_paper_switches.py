@@ -32,7 +32,7 @@ EXPS = sorted(p.stem for p in (CONFIG_DIR / "exp").glob("*.yaml"))
 DEMOS = {"pat_demo", "pat_smoke", "tmgf_demo", "tmgf_smoke"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exp(name: str) -> Config:
     """``exp=name`` composed once for the whole module (read-only use)."""
     return compose([f"exp={name}"])

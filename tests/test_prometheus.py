@@ -58,7 +58,8 @@ def test_busy_port_is_a_one_line_user_error_naming_the_key_and_the_fix() -> None
             with pytest.raises(UserError) as err:
                 make(port)
             msg = str(err.value)
-            assert "\n" not in msg and msg.startswith(f"train.metrics_port={port}: cannot serve metrics on 127.0.0.1:{port}")
+            assert "\n" not in msg
+            assert msg.startswith(f"train.metrics_port={port}: cannot serve metrics on 127.0.0.1:{port}")
             assert "train.metrics_port=0 for any free port" in msg and "train.metrics_port=-1" in msg
     check_port(port)  # free again: the check leaves nothing bound behind
     check_port(port)

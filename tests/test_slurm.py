@@ -129,7 +129,7 @@ def runs(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, d
                 del triggers[name]
         time.sleep(0.3)
     assert not triggers, f"never reached their trigger steps: {sorted(triggers)}"
-    for name, run in runs.items():
+    for run in runs.values():
         _wait_gone(run["job"], end - time.time(), run["dir"])
     return runs
 

@@ -72,6 +72,7 @@ def test_real_folders_and_names(datasets, layout: str) -> None:
     files = _image_files(root)
     assert files == {r.relpath for r in s.records}
     assert s.images_written == len(files)
+    split_dir = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
     for r in s.records:
         parts = r.relpath.split("/")
         m = NAME_RE[layout].match(parts[-1])
@@ -81,9 +82,9 @@ def test_real_folders_and_names(datasets, layout: str) -> None:
             assert parts[0] == ("train" if r.split == "train" else "test") and parts[1] == m["pid"]
         elif layout == "cuhk03np":
             assert parts[0] in ("detected", "labeled")
-            assert parts[1] == {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}[r.split]
+            assert parts[1] == split_dir[r.split]
         else:
-            assert parts[0] == {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}[r.split]
+            assert parts[0] == split_dir[r.split]
     with Image.open(root / s.records[0].relpath) as im:
         assert im.size == (32, 64) and im.mode == "RGB"
         assert im.format == ("PNG" if layout == "cuhk03np" else "JPEG")

@@ -342,8 +342,9 @@ def test_pat_run_initialises_a_tmgf_run_as_the_demo_does(tmp_path: Path) -> None
     assert res.status == "finished"
     source = pat_dir / "model_final.safetensors"
     pat = load_file(str(source))
-    cfg = _cfg(tmp_path / "tmgf", cache, "model.tmgf_stem=patch", f"model.pretrained={source}", "data.transform.norm=vit_jx",
-               "train.epochs=1", "eval.at_start=true", "tmgf.eval_clustering=true", "train.ckpt_every_steps=0")
+    cfg = _cfg(tmp_path / "tmgf", cache, "model.tmgf_stem=patch", f"model.pretrained={source}",
+               "data.transform.norm=vit_jx", "train.epochs=1", "eval.at_start=true", "tmgf.eval_clustering=true",
+               "train.ckpt_every_steps=0")
     from trainer.methods.tmgf import TMGFMethod
 
     ensure_datasets(cfg.data)  # the PAT run made only its own datasets

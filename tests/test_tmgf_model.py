@@ -446,7 +446,8 @@ def test_whole_tmgf_checkpoint_loads_as_is_except_the_camera_embedding(tmp_path)
     # another variant's checkpoint: one error listing what does not fit
     other = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in make(tmgf_granularities=(2,)).state_dict().items()}, str(other))
-    with pytest.raises(ValueError, match=r"other\.safetensors: a TMGF checkpoint that does not fit.*missing: .*necks\.5"):
+    with pytest.raises(ValueError,
+                       match=r"other\.safetensors: a TMGF checkpoint that does not fit.*missing: .*necks\.5"):
         dst.load_pretrained_weights(other)
 
 

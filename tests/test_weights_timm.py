@@ -15,12 +15,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.config import ConfigError, compose
-from trainer.train import check_files
 from trainer.models.registry import ModelConfig, build_model
 from trainer.models.weights import (
-    WeightsError, WeightsNotFound, is_timm_name, load_pretrained, locate_timm_weights, read_state_dict,
+    WeightsError,
+    WeightsNotFound,
+    is_timm_name,
+    load_pretrained,
+    locate_timm_weights,
+    read_state_dict,
     resolve_weights,
 )
+from trainer.train import check_files
 
 ARCH = "deit_tiny_patch16_224"
 NAME = f"timm:{ARCH}.fb_in1k"

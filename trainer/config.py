@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from shards.errors import UserError
 
@@ -539,7 +539,7 @@ NECK_FEATS = ("before", "after")
 TMGF_STEMS = ("ibn", "patch")
 
 
-def _is_timm_name(spec: object) -> bool:
+def _is_timm_name(spec: object) -> TypeGuard[str]:
     return isinstance(spec, str) and spec.startswith(TIMM_PREFIX)
 
 
@@ -823,8 +823,8 @@ def _one_line(exc: BaseException) -> str:
     for e in _chain(exc):
         for line in str(e).splitlines():
             line = line.strip()
-            if not line or "$VALUE" in line or line.startswith(("full_key", "object_type", "reference_type", "provider=",
-                                                                  "Config search", "To append")):
+            if not line or "$VALUE" in line or line.startswith(
+                    ("full_key", "object_type", "reference_type", "provider=", "Config search", "To append")):
                 continue
             if line.startswith("Available options"):
                 break

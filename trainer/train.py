@@ -18,17 +18,16 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from shards.atomic import atomic_write_bytes
 from shards.errors import USAGE_EXIT, UserError, run_cli
 from trainer import dist
 from trainer.config import RESUME_MODES, TIMM_PREFIX, Config, ConfigError, compose, to_yaml
 from trainer.engine.loop import STATE_KEYS, Engine, FitResult, agreed
 from trainer.engine.stop import StopFlag
 from trainer.methods import build_method
-from shards.atomic import atomic_write_bytes
-
 
 RESUMABLE_CHANGES = (
     "name", "run_dir", "train.epochs", "train.resume", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
@@ -66,7 +65,8 @@ def check_resume_config(cfg: Config) -> None:
     try:
         old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
     except Exception as exc:  # a damaged file must not be silently trusted either
-        raise ConfigError(f"{saved}: cannot read the run's config ({exc}); pass train.resume=never or another run_dir") from None
+        raise ConfigError(
+            f"{saved}: cannot read the run's config ({exc}); pass train.resume=never or another run_dir") from None
     new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False))
     free = lambda k: any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)  # noqa: E731
     diff = [f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
@@ -126,7 +126,8 @@ def check_files(cfg: Config) -> None:
 def check_checkpoint(cfg: Config) -> None:
     """Refuse, before any work, the checkpoint ``train.resume`` would load if this trainer cannot
     resume it (another format version, missing files or state keys): one line, its path and the fix."""
-    from trainer.engine.checkpoint import check_checkpoint as check, resolve_resume
+    from trainer.engine.checkpoint import check_checkpoint as check
+    from trainer.engine.checkpoint import resolve_resume
 
     ckpt = resolve_resume(cfg.train.resume, Path(cfg.run_dir) / "checkpoints")
     if ckpt is not None:

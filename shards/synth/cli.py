@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import errno
 import re
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
 
 from shards.errors import CliParser, UserError, run_cli
 from shards.synth.config import LAYOUTS, SynthConfig

@@ -12,7 +12,9 @@ from shards.synth.streams import domain_id
 LAYOUTS = ("market1501", "dukemtmc", "msmt17", "cuhk03np")
 MAX_CAMS = {"market1501": 9, "dukemtmc": 8, "msmt17": 15, "cuhk03np": 2}
 """Camera limits of each naming convention (Market/Duke names hold one camera digit)."""
-MSMT_SLOTS = tuple(f"{day}{part}" for day in ("0113", "0114", "0302", "0303") for part in ("morning", "noon", "afternoon"))
+MSMT_SLOTS = tuple(
+    f"{day}{part}" for day in ("0113", "0114", "0302", "0303") for part in ("morning", "noon", "afternoon")
+)
 """MSMT17's time slots (the 4th name field); the slot of an image is its lighting session."""
 SUMMARY_FILE = "synth.json"
 
@@ -53,7 +55,7 @@ class SynthConfig:
     workers: int = 1
     """Worker processes; the output is identical for any number."""
 
-    def resolved(self) -> "SynthConfig":
+    def resolved(self) -> SynthConfig:
         """A copy with defaults filled in and every field checked (one-line errors naming the field)."""
         c = SynthConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
         if c.layout not in LAYOUTS:
@@ -68,7 +70,8 @@ class SynthConfig:
         checks = [
             (c.ids >= 1, f"ids={c.ids}: expected >= 1"),
             (c.test_ids >= 1, f"test_ids={c.test_ids}: expected >= 1"),
-            (1 <= c.cams <= MAX_CAMS[c.layout], f"cams={c.cams}: {c.layout} names hold cameras 1..{MAX_CAMS[c.layout]}"),
+            (1 <= c.cams <= MAX_CAMS[c.layout],
+             f"cams={c.cams}: {c.layout} names hold cameras 1..{MAX_CAMS[c.layout]}"),
             (c.layout != "cuhk03np" or c.cams == 2, f"cams={c.cams}: cuhk03np has exactly 2 cameras"),
             (c.images_per_id_cam >= 1, f"images_per_id_cam={c.images_per_id_cam}: expected >= 1"),
             (c.cams >= 2 or c.images_per_id_cam >= 2,
@@ -100,14 +103,16 @@ class SynthConfig:
         if c.layout == "msmt17":
             n_pids = max(c.ids, c.test_ids) - 1
         else:
-            n_pids = c.ids + c.test_ids + (math.ceil(c.distractors / c.images_per_id_cam) if c.layout == "dukemtmc" else 0)
+            extra = math.ceil(c.distractors / c.images_per_id_cam) if c.layout == "dukemtmc" else 0
+            n_pids = c.ids + c.test_ids + extra
         if n_pids > 9999:
             raise ValueError(f"ids={c.ids}, test_ids={c.test_ids}: {c.layout} names hold 4-digit pids (<= 9999)")
         # Frame / index fields have fixed widths (see ``names.plan``).
         per_id = c.images_per_id_cam * c.cams
         limit = {"market1501": 24_999, "dukemtmc": 166_000, "msmt17": 999}.get(c.layout)
         if limit is not None and per_id > limit:
-            raise ValueError(f"images_per_id_cam*cams={per_id}: {c.layout} names hold at most {limit} images per identity")
+            raise ValueError(
+                f"images_per_id_cam*cams={per_id}: {c.layout} names hold at most {limit} images per identity")
         if c.layout == "market1501" and max(c.junk, c.distractors) > 24_999:
             raise ValueError(f"junk={c.junk}, distractors={c.distractors}: Market names hold at most 24999 of each")
         return c

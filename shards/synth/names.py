@@ -37,6 +37,7 @@ class Shot:
 
 def plan(cfg: SynthConfig, dom: int) -> list[Shot]:
     c = cfg
+    assert c.test_ids is not None and c.distractors is not None and c.junk is not None, "pass cfg.resolved()"
     r = stream(c.seed, dom, T_SPLIT)
     n_tr, n_te = c.ids, int(c.test_ids)
     k_img = c.images_per_id_cam
@@ -63,7 +64,8 @@ def plan(cfg: SynthConfig, dom: int) -> list[Shot]:
         if c.layout == "market1501":
             frame = 1 + 40 * slot + int(ir.integers(0, 40))
             p = "-1" if pid < 0 else f"{pid:04d}"
-            rel = (f"{folder}/{p}_c{cam + 1}s{session + 1}_{frame:06d}_{int(ir.integers(1, 9)):02d}.jpg",)
+            rel: tuple[str, ...] = (
+                f"{folder}/{p}_c{cam + 1}s{session + 1}_{frame:06d}_{int(ir.integers(1, 9)):02d}.jpg",)
         elif c.layout == "dukemtmc":
             frame = 1 + 60 * slot + int(ir.integers(0, 60))
             rel = (f"{folder}/{pid:04d}_c{cam + 1}_f{frame:07d}.jpg",)

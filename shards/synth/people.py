@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ class Person:
         return self.attrs[name]
 
 
-def _balanced(r: np.random.Generator, n: int, size: int, weights: Sequence[float] | None,
+def _balanced(r: np.random.Generator, n: int, size: int, weights: Sequence[float] | np.ndarray | None,
               allowed: Sequence[int] | None = None, min_share: int = 2) -> np.ndarray:
     """``n`` values of one attribute with counts proportional to ``weights`` (largest remainder), every
     value used at least ``min_share`` times: the rarest values are dropped until that holds."""

@@ -142,7 +142,8 @@ class _Canvas:
         img = Image.fromarray(lab, "P")
         img.putpalette(pal.ravel().tobytes())
         rgb = np.asarray(img.convert("RGB").reduce(_SS), dtype=F32) * F32(1 / 255)
-        cover = np.asarray(Image.fromarray((lab > 0).view(np.uint8) * np.uint8(255)).reduce(_SS), dtype=F32) * F32(1 / 255)
+        mask = Image.fromarray((lab > 0).view(np.uint8) * np.uint8(255))
+        cover = np.asarray(mask.reduce(_SS), dtype=F32) * F32(1 / 255)
         v1 = ((np.arange(self.h, dtype=F32) + F32(0.5)) - F32(self.top)) / F32(self.hpx)
         x1 = ((np.arange(self.w, dtype=F32) + F32(0.5)) - F32(self.cx)) / F32(self.hpx * self.aspect)
         u1 = x1[None, :] - F32(self.shear) * (v1[:, None] - F32(0.5))
@@ -266,7 +267,7 @@ def _draw_person(cv: _Canvas, p: Person, st: DomainStyle, pose: Pose) -> None:
             cv.box(brim - 0.05, brim + 0.05, 0.04, 0.055, c["accent"] * 0.8)
 
 
-def render_image(cfg: SynthConfig, ctx: "Context", kind: int, ident: int, cam: int, k: int, session: int,
+def render_image(cfg: SynthConfig, ctx: Context, kind: int, ident: int, cam: int, k: int, session: int,
             person: Person | None, detected: bool = False) -> bytes:
     """Render and encode one image; every random choice comes from this image's own stream."""
     h, w = cfg.size
@@ -355,6 +356,7 @@ class Context:
 
     def __init__(self, cfg: SynthConfig) -> None:
         self.cfg = cfg
+        assert cfg.domain is not None, "Context holds a resolved config"
         self.dom = domain_id(cfg.domain)
         self.style = DomainStyle.draw(self.dom)
         self._cams: dict[int, Camera] = {}

@@ -54,7 +54,7 @@ class DomainStyle:
     occlusion: float
 
     @staticmethod
-    def draw(dom: int) -> "DomainStyle":
+    def draw(dom: int) -> DomainStyle:
         r = stream(dom, T_DOMAIN)
         cloth = _rotate_hue(CLOTH, r.uniform(-0.45, 0.45), r.uniform(0.6, 1.25), r.uniform(0.8, 1.1))
         lower = _rotate_hue(LOWER, r.uniform(-0.3, 0.3), r.uniform(0.7, 1.2), r.uniform(0.8, 1.1))
@@ -132,7 +132,7 @@ def draw_camera(r: np.random.Generator, st: DomainStyle, h: int, w: int) -> Came
 def _smooth_noise(r: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     """(h, w, 3) smooth random field in [-1, 1] (low-res noise upsampled bicubically)."""
     small = r.integers(0, 256, size=(max(2, h // cell), max(2, w // cell), 3), dtype=np.uint8)
-    big = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    big = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
     return np.asarray(big, dtype=F32) / 127.5 - 1.0
 
 

@@ -31,6 +31,7 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _person_for(ctx: Context, shot: Shot) -> Person | None:
     c = ctx.cfg
+    assert c.test_ids is not None and c.distractors is not None, "Context holds a resolved config"
     if shot.kind == K_ID:
         n = {0: c.ids, 1: int(c.test_ids), 2: math.ceil(c.distractors / c.images_per_id_cam)}[shot.group]
         return ctx.group(shot.group, n)[shot.ident]
@@ -60,6 +61,7 @@ def synthesize(cfg: SynthConfig) -> SynthSummary:
     """Write a synthetic dataset in ``cfg.layout``'s real layout under ``cfg.out``; return what was written."""
     t0 = time.perf_counter()
     cfg = cfg.resolved()
+    assert cfg.domain is not None and cfg.test_ids is not None, "resolved() fills every default"
     dom = domain_id(cfg.domain)
     root = Path(cfg.out)
     shots = plan(cfg, dom)
@@ -82,7 +84,8 @@ def synthesize(cfg: SynthConfig) -> SynthSummary:
         with mp.get_context("spawn").Pool(cfg.workers) as pool:
             written = sum(pool.map(_work, chunks))
     if cfg.layout == "msmt17":
-        lists = {"list_train.txt": [], "list_val.txt": [], "list_query.txt": [], "list_gallery.txt": []}
+        lists: dict[str, list[str]] = {
+            "list_train.txt": [], "list_val.txt": [], "list_query.txt": [], "list_gallery.txt": []}
         for s in shots:
             rel = s.relpaths[0].split("/", 1)[1]  # lists are relative to train/ or test/
             name = {"train": "list_val.txt" if s.val else "list_train.txt", "query": "list_query.txt",

@@ -116,11 +116,12 @@ def query_expansion(v: sp.csr_matrix, r: np.ndarray, k2: int, rows: tuple[int, i
     if k2 == 1:
         out = v[q0:q1].astype(np.float32)
     else:
-        acc = None
-        for t in range(k2):  # left to right in k-NN order: float32 (((v0 + v1) + v2) + ...)
+        acc = v[r[q0:q1, 0]]
+        acc.sort_indices()
+        for t in range(1, k2):  # left to right in k-NN order: float32 (((v0 + v1) + v2) + ...)
             part = v[r[q0:q1, t]]
             part.sort_indices()
-            acc = part if acc is None else acc + part
+            acc = acc + part
         out = acc.tocsr()
         out.data = (out.data / np.float32(k2)).astype(np.float32)
     out.eliminate_zeros()

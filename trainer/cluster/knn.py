@@ -232,8 +232,8 @@ def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
     Blocked float32 GEMM. Each row block first takes a dense top-k over its own column block (which
     sets a good threshold: with all rows queried, the points are first put in a cluster-sorted order,
     so that block already holds most true neighbours), then every other block only hands over the
-    entries that beat the row's current k-th best. With all rows queried, only blocks ``I < J`` are computed and serve both
-    directions (the Gram matrix is symmetric): half the FLOPs. When the norms are (nearly) equal the
+    entries that beat the row's current k-th best. With all rows queried, only blocks ``I < J`` are computed and
+    serve both directions (the Gram matrix is symmetric): half the FLOPs. When the norms are (nearly) equal the
     ``|x_j|^2 / 2`` term is dropped and its spread added to the error bound (returned).
     """
     prev = torch.get_float32_matmul_precision()
@@ -291,6 +291,7 @@ def _approx_faiss(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int)
     import faiss
 
     d = x32.shape[1]
+    index: faiss.Index
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         res = faiss.StandardGpuResources()
         index = faiss.GpuIndexFlatL2(res, d)
@@ -323,7 +324,8 @@ def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None,
     if backend == "auto":
         backend = "torch"
     if backend == "torch":
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device) if device is not None else torch.device(auto)
         sc, ids, spread = _approx_torch(x32, norms, q0, q1, kk, dev, block)
         keys = -2.0 * sc.astype(np.float64)  # key = |x_j|^2 - 2 <x_i, x_j> (+ |x_i|^2, constant per row)
         # dot error gamma*|x||y|, the roundings of |x_j|^2/2 and of the subtraction, the dropped norm

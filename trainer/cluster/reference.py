@@ -101,7 +101,8 @@ def reference_jaccard_dbscan(features: np.ndarray, k1: int = 20, k2: int = 6, ep
     from sklearn.cluster import DBSCAN
 
     jac = reference_jaccard(features, k1, k2)
-    return DBSCAN(eps=float(eps), min_samples=min_samples, metric="precomputed", n_jobs=-1).fit_predict(jac).astype(np.int64)
+    dbscan = DBSCAN(eps=float(eps), min_samples=min_samples, metric="precomputed", n_jobs=-1)
+    return dbscan.fit_predict(jac).astype(np.int64)
 
 
 __all__ = ["reference_knn", "reference_jaccard", "reference_jaccard_dbscan"]

@@ -14,12 +14,21 @@ from trainer.data.loader import SeededBatchSampler, TrainLoader, build_inference
 from trainer.data.samplers import InferenceSampler, PKSampler, class_uniform_epoch, pk_epoch
 from trainer.data.store import SampleStore, WidsSampleStore
 from trainer.data.transforms import (
-    NORM_PRESETS, LGT, AugRNG, Pipeline, RandomErasing, TransformConfig, build_transforms, pat_config, tmgf_config,
+    LGT,
+    NORM_PRESETS,
+    AugRNG,
+    Pipeline,
+    RandomErasing,
+    TransformConfig,
+    build_transforms,
+    pat_config,
+    tmgf_config,
 )
 
 __all__ = [
     "ReIDDataset", "decode", "sample_seeds", "SeededBatchSampler", "TrainLoader", "build_inference_loader",
-    "build_train_loader", "InferenceSampler", "PKSampler", "pk_epoch", "class_uniform_epoch", "SampleIndex", "SampleStore", "ShardError",
+    "build_train_loader", "InferenceSampler", "PKSampler", "pk_epoch", "class_uniform_epoch", "SampleIndex",
+    "SampleStore", "ShardError",
     "SourceInfo", "WidsSampleStore", "NORM_PRESETS", "LGT", "AugRNG", "Pipeline", "RandomErasing",
     "TransformConfig", "build_transforms", "pat_config", "tmgf_config",
 ]

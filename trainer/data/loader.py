@@ -9,16 +9,17 @@ import os
 import random
 import signal
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from trainer import dist
+from trainer.data.catalogue import SampleIndex
 from trainer.data.dataset import ReIDDataset, sample_seeds
 from trainer.data.samplers import InferenceSampler, PKSampler
-from trainer.data.catalogue import SampleIndex
 
 
 class SeededBatchSampler:

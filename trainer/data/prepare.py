@@ -18,9 +18,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from shards.atomic import atomic_write_bytes
 from shards.errors import UserError
 from shards.layouts import LAYOUTS
-from shards.atomic import atomic_write_bytes
 from shards.records import MANIFEST
 from trainer import dist
 from trainer.config import DataConfig, SynthSourceConfig

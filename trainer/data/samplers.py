@@ -10,7 +10,8 @@ semantics are pluggable: PAT's identity sampler, or TMGF's class-uniform sampler
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,8 @@ def pk_epoch(pids: np.ndarray, P: int, K: int, rng: np.random.Generator) -> np.n
 
 
 def class_uniform_epoch(pids: np.ndarray, P: int, K: int, rng: np.random.Generator) -> np.ndarray:
-    """One pass of the reference ``ClassUniformlySampler`` (TMGF/O2CAP, docs/methods/tmgf.md §Recipe): ``(steps, P, K)``.
+    """One pass of the reference ``ClassUniformlySampler`` (TMGF/O2CAP, docs/methods/tmgf.md §Recipe):
+    ``(steps, P, K)``.
 
     Classes (``pid >= 0``) in random order, each exactly once: K of its images without
     replacement if it has at least K, else K drawn without replacement from its list repeated K

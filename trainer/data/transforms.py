@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ class AugRNG:
     """Draws of the reference-code ops (LGT, RandomErasing)."""
 
     @classmethod
-    def from_seed(cls, seed: int) -> "AugRNG":
+    def from_seed(cls, seed: int) -> AugRNG:
         """Both sources from one 64-bit seed (independent streams via numpy's SeedSequence)."""
         a, b = np.random.SeedSequence(int(seed) & ((1 << 64) - 1)).generate_state(2, dtype=np.uint64)
         g = torch.Generator()
@@ -48,7 +49,8 @@ class AugRNG:
 
 
 def pat_config(size: tuple[int, int] = (256, 128), lgt_p: float = 0.5) -> TransformConfig:
-    """PAT (docs/methods/pat.md §Data and recipe): flip, pad 10 + crop, LGT (0.5 in the paper era), 0.5/0.5 normalisation."""
+    """PAT (docs/methods/pat.md §Data and recipe): flip, pad 10 + crop, LGT (0.5 in the paper era),
+    0.5/0.5 normalisation."""
     return TransformConfig(size=size, lgt_p=lgt_p, erasing_p=0.0, norm="vit_jx")
 
 
@@ -71,7 +73,7 @@ class Resize:
         h, w = self.size
         if img.size == (w, h):
             return img
-        return img.resize((w, h), Image.BICUBIC)
+        return img.resize((w, h), Image.Resampling.BICUBIC)
 
 
 class RandomHorizontalFlip:
@@ -82,7 +84,7 @@ class RandomHorizontalFlip:
 
     def __call__(self, img: Image.Image, rng: AugRNG) -> Image.Image:
         if torch.rand(1, generator=rng.torch).item() < self.p:
-            return img.transpose(Image.FLIP_LEFT_RIGHT)
+            return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img
 
 
@@ -207,7 +209,7 @@ class Pipeline:
 
     def __call__(self, img: Image.Image, seed: int | AugRNG = 0) -> torch.Tensor:
         rng = seed if isinstance(seed, AugRNG) else AugRNG.from_seed(seed)
-        x = img
+        x: Any = img  # an image until the op that makes it a tensor
         for op in self.ops:
             x = op(x, rng)
         return x

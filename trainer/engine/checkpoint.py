@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shards.errors import UserError
 from shards.atomic import fsync_dir
+from shards.errors import UserError
 from trainer import dist
 
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
@@ -64,7 +64,8 @@ def _save_file(obj: Any, path: Path) -> None:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states in a form ``weights_only`` loading accepts."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # the legacy tuple (key name, keys, pos, has_gauss, cached)
+    assert isinstance(np_state, tuple)
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"key": np_state[0], "keys": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),

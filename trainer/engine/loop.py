@@ -12,22 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
 
 from shards.errors import UserError
 from trainer import dist
+from trainer.config import EvalConfig, TrainConfig
 from trainer.engine.checkpoint import check_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.engine.method import Method
 from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
-from trainer.config import EvalConfig, TrainConfig
 from trainer.engine.optim import EpochLR, build_optimizer, param_groups
-from trainer.engine.strategy import Strategy
 from trainer.engine.stop import StopFlag
+from trainer.engine.strategy import Strategy
 
 if TYPE_CHECKING:
     from trainer.engine.prometheus import PrometheusSink
@@ -255,7 +256,8 @@ class Engine:
                                  lr=optimizer.param_groups[0]["lr"], sec=round(now - t_last, 4),
                                  img_per_s=round(n_img / max(now - t_last, 1e-9), 2),
                                  progress=round(global_step / total_steps, 4),
-                                 eta_s=round((total_steps - global_step) * (now - t_fit) / (global_step - steps_at_fit)),
+                                 eta_s=round((total_steps - global_step) * (now - t_fit)
+                                             / (global_step - steps_at_fit)),
                                  **result.logs)
                 t_last = now
                 done_epoch = step_in_epoch >= steps_per_epoch

@@ -13,7 +13,8 @@ from trainer.config import OptimConfig
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """One group for weights and one for biases (LR × ``bias_lr_factor``); frozen tensors excluded."""
-    weights, biases = [], []
+    weights: list[nn.Parameter] = []
+    biases: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

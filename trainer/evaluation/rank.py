@@ -31,13 +31,14 @@ available), so peak memory is ``O(block × g)`` instead of ``O(q × g)`` (3.8 GB
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 # Elements of a ``block × g`` distance block per query block: 64 MB of fp32 on CPU, 512 MB on CUDA.
 _BLOCK_ELEMS_CPU = 1 << 24
@@ -75,7 +76,7 @@ class _Ids:
 
     @classmethod
     def build(cls, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike,
-              num_q: int, num_g: int, device: torch.device) -> "_Ids":
+              num_q: int, num_g: int, device: torch.device) -> _Ids:
         qp, gp = _as_long(q_pids, "q_pids", device), _as_long(g_pids, "g_pids", device)
         qc, gc = _as_long(q_camids, "q_camids", device), _as_long(g_camids, "g_camids", device)
         for name, t, n in (("q_pids", qp, num_q), ("q_camids", qc, num_q), ("g_pids", gp, num_g),
@@ -456,10 +457,11 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
     Features are L2-normalized here (inputs are never modified; a float32/float64 gallery already on
     ``device`` is not copied either: its inverse norms scale the dot products); the distance is the
     squared Euclidean distance of unit vectors, ``2 − 2 cos``, which orders the gallery like the
-    official ``‖q‖² + ‖g‖² − 2 q·g`` on normalized features (up to float rounding). Query rows are processed ``block_size`` at a time (default: about 64 MB of distances
-    on CPU, 512 MB on CUDA): distances, candidate selection below each query's hardest true match,
-    exact positions, metrics. ``device=None`` picks CUDA when available, CPU otherwise. fp16/bf16
-    features are computed in fp32, fp64 features in fp64.
+    official ``‖q‖² + ‖g‖² − 2 q·g`` on normalized features (up to float rounding). Query rows are
+    processed ``block_size`` at a time (default: about 64 MB of distances on CPU, 512 MB on CUDA):
+    distances, candidate selection below each query's hardest true match, exact positions, metrics.
+    ``device=None`` picks CUDA when available, CPU otherwise. fp16/bf16 features are computed in fp32,
+    fp64 features in fp64.
 
     Equal to ``evaluate(pairwise_distance(qf, gf, block_size=B, device=D), ...)`` bit for bit.
 

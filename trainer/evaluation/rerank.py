@@ -23,13 +23,11 @@ k-NN Jaccard of ``trainer.cluster`` for such sets). Time is ``O(N² log N)`` for
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 
 def _reciprocal(top: torch.Tensor, k: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ sharing one all-gather between the update and the loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -92,7 +92,7 @@ class _SliceLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         gp: torch.Tensor,  # P×B×D
         bank: torch.Tensor,  # P×n×D
         sqnorm: torch.Tensor,  # P×n: ||M_j||²
@@ -155,7 +155,7 @@ class _SliceLSE(torch.autograd.Function):
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g_lse: torch.Tensor, _gv: torch.Tensor, _gc: torch.Tensor
+        ctx: Any, g_lse: torch.Tensor, _gv: torch.Tensor, _gc: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         gp, mu = ctx.saved_tensors
         if ctx.tau is None:

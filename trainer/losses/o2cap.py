@@ -46,6 +46,7 @@ from trainer.config import O2CAP_FEW_CAMS as FEW_CAMS
 from trainer.config import O2CAP_REDUCTIONS as REDUCTIONS
 from trainer.config import O2CAPLossConfig
 
+
 @dataclass
 class ProxyTables:
     """The proxy lookup tables as device tensors (built once per re-clustering)."""

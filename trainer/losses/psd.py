@@ -26,16 +26,20 @@ needs that order (``write_order``); without it, it assumes rows were first writt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 
+from trainer.config import PATConfig
 from trainer.losses.csl import csl_from_gathered
 from trainer.losses.id import _check, label_smooth_ce
-from trainer.config import PATConfig
 from trainer.losses.triplet import triplet_loss
 from trainer.memory.bank import PartMemoryBank
 from trainer.memory.batch import GlobalBatch, gather_batch
+
+# The default hyperparameters, built once (as a call in the signature would be): read, never mutated.
+_DEFAULT_PAT = PATConfig()
 
 
 def neighbour_labels(
@@ -169,7 +173,7 @@ def pat_total(
     targets: torch.Tensor,
     indices: torch.Tensor,
     bank: PartMemoryBank,
-    cfg: PATConfig = PATConfig(),
+    cfg: PATConfig = _DEFAULT_PAT,
     block_logits: torch.Tensor | None = None,
     gathered: GlobalBatch | None = None,
 ) -> PATLossOutput:
@@ -194,8 +198,10 @@ def pat_total(
     if g.parts is None:
         raise ValueError("pat_total: the gathered batch has no part features (gather_batch(..., parts=...))")
     csl = csl_from_gathered(g.parts, g.indices, bank, k=cfg.csl_k, scale=cfg.csl_scale,
-                            nan_to_zero=cfg.csl_nan_to_zero, form=cfg.csl_form, tau=cfg.csl_tau,
-                            part_reduction=cfg.csl_part_reduction)
+                            nan_to_zero=cfg.csl_nan_to_zero, tau=cfg.csl_tau,
+                            # validated against CSL_FORMS / CSL_PART_REDUCTIONS by PATConfig
+                            form=cast(Literal["official", "paper"], cfg.csl_form),
+                            part_reduction=cast(Literal["mean", "sum"], cfg.csl_part_reduction))
     nbr = None
     if cfg.psd:
         nbr = neighbour_labels(bank.labels, csl.neighbour_indices, indices, cfg.repo_index_bug, bank.write_order)

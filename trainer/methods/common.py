@@ -7,14 +7,15 @@ The datasets are ensured (synthetic ones made) once per run before any method is
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from trainer import dist
 from trainer.config import Config
+from trainer.data.catalogue import SampleIndex
 from trainer.data.loader import build_inference_loader
 from trainer.data.prepare import dataset_dir
-from trainer.data.catalogue import SampleIndex
 from trainer.data.store import SampleStore, WidsSampleStore
 from trainer.data.transforms import Pipeline, build_transforms
 from trainer.evaluation.extract import extract_features

@@ -17,7 +17,8 @@ launcher); the method only opens them.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from trainer.losses.triplet import triplet_loss
 from trainer.memory.bank import PartMemoryBank
 from trainer.memory.batch import GlobalBatch, gather_batch
 from trainer.methods.common import evaluate_targets, open_store, open_targets, transforms
-from trainer.models import build_model
+from trainer.models import PartAwareTransformer, ViTBaseline, build_model
 
 
 class PATMethod(Method):
@@ -53,7 +54,9 @@ class PATMethod(Method):
         return self.cfg.pat.csl and self.cfg.model.name == "pat"
 
     def build_model(self) -> nn.Module:
-        model = build_model(self.cfg.model, num_classes=self.train_store.num_classes)
+        # the registry returns a plain Module; this method builds "pat" or "vit" (validated config)
+        model = cast(PartAwareTransformer | ViTBaseline,
+                     build_model(self.cfg.model, num_classes=self.train_store.num_classes))
         model.emit_block_logits = self.cfg.pat.sd_weight > 0
         if self.uses_bank:
             self.bank = PartMemoryBank(len(self.train_store), model.num_parts, model.feat_dim,
@@ -72,28 +75,31 @@ class PATMethod(Method):
     def on_fit_start(self, model: nn.Module, resumed: bool) -> None:
         if not self.uses_bank or resumed:
             return
+        pat = cast(PartAwareTransformer, model)  # uses_bank: the "pat" model
+        bank = self.bank
+        assert bank is not None  # uses_bank: built with the model
         # Fill the bank with one pass over the whole training set (train transform, train mode, no
         # grad), as the official init does. One region draw serves the whole pass (the official code
         # draws per batch): the bank then does not depend on how the pass is split over ranks. The
         # region generator is restored afterwards so training draws the same regions as without it.
-        regions = model.regions.get_extra_state()
-        model.train()
+        regions = pat.regions.get_extra_state()
+        pat.train()
         device = dist.info().device
-        mask = model.attention_mask(device)
+        mask = pat.attention_mask(device)
         loader = build_inference_loader(self.train_store, self.train_tf, self.cfg.eval.batch_size,
                                         self.cfg.data.num_workers, seed=self.cfg.train.seed)
         for batch in loader:
-            tokens = model.forward_tokens(batch["img"].to(device), mask)
-            parts = tokens[:, 1 : 1 + model.num_parts].float()
-            self.bank.update(batch["index"].to(device), parts)
+            tokens = pat.forward_tokens(batch["img"].to(device), mask)
+            parts = tokens[:, 1 : 1 + pat.num_parts].float()
+            bank.update(batch["index"].to(device), parts)
         # bank writes are collective: ranks with fewer batches join the remaining ones empty-handed
         n_local = len(loader)
         n_max = int(dist.all_reduce(torch.tensor([n_local], device=dist.comm_device()), op="max").item())
-        empty_f = torch.zeros(0, model.num_parts, model.feat_dim, device=device)
+        empty_f = torch.zeros(0, pat.num_parts, pat.feat_dim, device=device)
         empty_i = torch.zeros(0, dtype=torch.long, device=device)
         for _ in range(n_max - n_local):
-            self.bank.update(empty_i, empty_f)
-        model.regions.set_extra_state(regions)
+            bank.update(empty_i, empty_f)
+        pat.regions.set_extra_state(regions)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         out = model(batch["img"])

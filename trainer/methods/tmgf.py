@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ class SlotView(nn.Module):
         super().__init__()
         if view not in ("all", "raw", "global"):
             raise ValueError(f"SlotView: view={view!r}: expected 'all', 'raw' or 'global'")
-        self.model = model
+        self.model: Any = model  # TMGF-like: model(img, camid) and raw_features(img, camid)
         self.view = view
         self.train(model.training)  # the extractor restores this mode afterwards: keep the model's own
 
@@ -85,7 +86,8 @@ def average_bn_stats(model: nn.Module) -> None:
     if world <= 1:
         return
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+                and m.running_var is not None):
             for buf in (m.running_mean, m.running_var):
                 t = buf.detach().to(dist.comm_device(), torch.float64)
                 buf.copy_((dist.all_reduce(t) / world).to(buf.device, buf.dtype))
@@ -105,14 +107,16 @@ def fresh_necks(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm] | Non
 @torch.no_grad()
 def calibrate_necks(necks: list[nn.modules.batchnorm._BatchNorm], raw: torch.Tensor) -> torch.Tensor:
     """Set each neck's running mean/var (unbiased, as BN keeps it) to those of ``raw`` [N, S, D] (fp64),
-    mark it calibrated (``num_batches_tracked = 1``) and return the eval-mode model output for ``raw``: BN with the new statistics, then L2 (as
-    ``TMGF.forward``), so that no second extraction pass is needed."""
+    mark it calibrated (``num_batches_tracked = 1``) and return the eval-mode model output for ``raw``: BN with
+    the new statistics, then L2 (as ``TMGF.forward``), so that no second extraction pass is needed."""
     if raw.shape[0] < 2:
         raise ValueError(f"calibrate_necks: {raw.shape[0]} training image(s); need >= 2 for a variance")
     x = raw.to(torch.float64)
     mean, var = x.mean(dim=0), x.var(dim=0, unbiased=True)  # [S, D]
     out = []
     for i, neck in enumerate(necks):
+        # track_running_stats (as fresh_necks checks): BN keeps all three buffers
+        assert neck.running_mean is not None and neck.running_var is not None and neck.num_batches_tracked is not None
         neck.running_mean.copy_(mean[i].to(neck.running_mean.dtype))
         neck.running_var.copy_(var[i].to(neck.running_var.dtype))
         neck.num_batches_tracked.fill_(1)  # "has statistics": the necks are no longer fresh
@@ -193,7 +197,9 @@ class TMGFMethod(Method):
             if not hasattr(model, attr):
                 raise TypeError(f"model.name={self.cfg.model.name!r}: TMGF needs a model with `{attr}` returning "
                                 "[B, slots, dim] features from model(img, camid) (e.g. model.name=tmgf)")
-        self.memory = ProxyMemory(int(model.num_slots), 0, int(model.feat_dim), momentum=self.t.momentum,
+        # plain attributes of a duck-typed model: nn.Module's typing only knows submodules and tensors
+        num_slots, feat_dim = cast(int, model.num_slots), cast(int, model.feat_dim)
+        self.memory = ProxyMemory(int(num_slots), 0, int(feat_dim), momentum=self.t.momentum,
                                   device=self.device)
         return model
 
@@ -231,7 +237,7 @@ class TMGFMethod(Method):
         wrap = SlotView(model, "raw" if necks is not None else "all")
         flat = extract(wrap, self.train_store, self.test_tf, self.cfg.eval.batch_size,
                        self.cfg.data.num_workers, inputs=_CAM_INPUTS)
-        feats = flat.view(flat.shape[0], int(model.num_slots), -1)
+        feats = flat.view(flat.shape[0], int(cast(int, model.num_slots)), -1)  # a plain int attribute
         if necks is not None:  # every rank holds the same exact-once features: same statistics
             feats = calibrate_necks(necks, feats)
             if dist.is_main():
@@ -243,7 +249,7 @@ class TMGFMethod(Method):
         if self.t.use_ground_truth if ground_truth is None else ground_truth:
             return np.asarray(self.train_store.pid, dtype=np.int64).copy()
         x = cluster_features(feats, self.t.cluster_feature)
-        kw = dict(k1=self.t.k1, k2=self.t.k2, eps=self.t.eps, min_samples=self.t.min_samples,
+        kw: dict[str, Any] = dict(k1=self.t.k1, k2=self.t.k2, eps=self.t.eps, min_samples=self.t.min_samples,
                   knn_backend=self.t.knn_backend)
         if dist.get_world_size() > 1 and self.t.cluster_distributed:
             return jaccard_dbscan(x, distributed=True, **kw)

@@ -6,12 +6,12 @@ every model (``available_models()``).
 
 from __future__ import annotations
 
-from .registry import ModelConfig, available_models, build_model, register_model
 from . import pat as _pat  # noqa: F401  (registers "pat" and "vit")
 from . import tmgf as _tmgf  # noqa: F401  (registers "tmgf")
 from .backbones import available_backbones, build_vit, masked_block_forward
 from .heads import BNNeck
 from .pat import ModelOutput, PartAwareTransformer, PartRegion, ViTBaseline, part_attention_mask
+from .registry import ModelConfig, available_models, build_model, register_model
 from .weights import LoadReport, load_pretrained, read_state_dict
 
 __all__ = [

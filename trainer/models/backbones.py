@@ -15,7 +15,8 @@ path when its fused-attention switch is off (``TIMM_FUSED_ATTN=0``), which PAT m
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 import timm
 import torch
@@ -47,7 +48,8 @@ def available_backbones() -> list[str]:
 def _timm_vit(arch: str) -> BackboneBuilder:
     def build(img_size: tuple[int, int], drop_path_rate: float, reg_tokens: int, **kwargs: Any) -> VisionTransformer:
         # pretrained=False: weights only ever come from a local file (weights.load_pretrained), never the hub.
-        return timm.create_model(
+        # create_model is typed as returning any Module; every arch registered here is a VisionTransformer
+        return cast(VisionTransformer, timm.create_model(
             arch,
             pretrained=False,
             img_size=img_size,
@@ -55,7 +57,7 @@ def _timm_vit(arch: str) -> BackboneBuilder:
             drop_path_rate=drop_path_rate,
             reg_tokens=reg_tokens,
             **kwargs,
-        )
+        ))
 
     return build
 
@@ -73,7 +75,8 @@ for _arch in (
 @register_backbone("vit_test")
 def vit_test(img_size: tuple[int, int], drop_path_rate: float, reg_tokens: int, **kwargs: Any) -> VisionTransformer:
     """Tiny ViT for tests and smoke runs: patch 16, width 64, depth 2, 2 heads (same layer types as ViT-B)."""
-    kwargs = {"patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0, "qkv_bias": True, **kwargs}
+    kwargs = {"patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0, "qkv_bias": True,
+              **kwargs}
     return VisionTransformer(
         img_size=img_size, num_classes=0, drop_path_rate=drop_path_rate, reg_tokens=reg_tokens, **kwargs
     )
@@ -116,15 +119,16 @@ def masked_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Ten
     Rows of the mask are queries, columns keys; it is broadcast over batch and heads. Disallowed keys
     get exactly zero weight (softmax over the allowed keys only); every row must allow at least one key.
     """
-    attn = block.attn
+    blk: Any = block  # timm's submodules are dynamic attributes (``Tensor | Module`` to mypy)
+    attn = blk.attn
     batch, tokens, _ = x.shape
-    h = block.norm1(x)
+    h = blk.norm1(x)
     qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     # SDPA's default scale is head_dim**-0.5, the same as timm's attn.scale.
     o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if block.training else 0.0
+        q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if blk.training else 0.0
     )
     o = o.transpose(1, 2).reshape(batch, tokens, -1)
     o = getattr(attn, "norm", nn.Identity())(o)
@@ -132,8 +136,8 @@ def masked_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Ten
     if gate is not None:
         o = o * gate(h).sigmoid()
     o = attn.proj_drop(attn.proj(o))
-    x = x + block.drop_path1(block.ls1(o))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    x = x + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 def check_maskable(vit: VisionTransformer) -> None:

@@ -22,12 +22,12 @@ class IBN(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.half = channels // 2
-        self.inorm = nn.InstanceNorm2d(self.half, affine=True)
-        self.bnorm = nn.BatchNorm2d(channels - self.half)
+        self.split_at = channels // 2
+        self.inorm = nn.InstanceNorm2d(self.split_at, affine=True)
+        self.bnorm = nn.BatchNorm2d(channels - self.split_at)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.split([self.half, x.shape[1] - self.half], dim=1)
+        a, b = x.split([self.split_at, x.shape[1] - self.split_at], dim=1)
         return torch.cat([self.inorm(a.contiguous()), self.bnorm(b.contiguous())], dim=1)
 
 

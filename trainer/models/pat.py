@@ -36,9 +36,10 @@ block but the last (:attr:`ModelOutput.blocks`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbones import build_vit, check_maskable, grid_size, masked_block_forward
@@ -119,7 +120,8 @@ def random_regions(grid: tuple[int, int], num_parts: int, generator: torch.Gener
     return regions
 
 
-def region_membership(grid: tuple[int, int], regions: list[PartRegion], device: torch.device | None = None) -> torch.Tensor:
+def region_membership(grid: tuple[int, int], regions: list[PartRegion],
+                      device: torch.device | None = None) -> torch.Tensor:
     """P x (H*W) bool: does part p's region contain patch j."""
     rows, cols = grid
     r = torch.arange(rows, device=device).repeat_interleave(cols)
@@ -187,7 +189,7 @@ class PartRegionSampler(nn.Module):
 # Models
 
 
-def _freeze_patch_embed(backbone: nn.Module) -> None:
+def _freeze_patch_embed(backbone: VisionTransformer) -> None:
     for p in backbone.patch_embed.parameters():
         p.requires_grad_(False)
 
@@ -236,6 +238,7 @@ class PartAwareTransformer(nn.Module):
             # One (1, 1, D) parameter broadcast to all P parts; pos rows stay per part.
             self.backbone.reg_token = nn.Parameter(torch.zeros(1, 1, self.feat_dim))
         # The official init of cls/part tokens (overwritten by pretrained weights).
+        assert self.backbone.reg_token is not None  # reg_tokens=num_parts >= 1: timm built them
         nn.init.trunc_normal_(self.backbone.reg_token, std=0.02)
         self.grid = grid_size(self.backbone)
         self.regions = PartRegionSampler(self.grid, cfg.num_parts, cfg.region_seed, cfg.fixed_band_extra_row)
@@ -264,6 +267,8 @@ class PartAwareTransformer(nn.Module):
         """B x (1+P+H*W) x D tokens after the last block and the final LayerNorm; appends to ``block_cls``
         (when given) the LayerNorm-ed cls token after each block but the last."""
         bb = self.backbone
+        # timm's optional tokens: this backbone was built with a cls token, part tokens and a pos embed
+        assert bb.cls_token is not None and bb.reg_token is not None and bb.pos_embed is not None
         x = bb.patch_embed(img)
         batch = x.shape[0]
         prefix = torch.cat(
@@ -312,7 +317,10 @@ class ViTBaseline(nn.Module):
         blocks = None
         if self.training and self.emit_block_logits:
             # timm's own per-block pass (the same ops as forward_features) keeps every block's tokens
-            final, per_block = self.backbone.forward_intermediates(img, return_prefix_tokens=True, output_fmt="NLC")
+            # timm annotates the union of all its return shapes; this call returns (final, [(spatial, prefix)])
+            final, per_block = cast(tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]],
+                                    self.backbone.forward_intermediates(img, return_prefix_tokens=True,
+                                                                        output_fmt="NLC"))
             cls = final[:, 0]
             block_cls = [self.backbone.norm(prefix[:, 0]) for _, prefix in per_block[:-1]]
         else:

@@ -10,13 +10,20 @@ config, calls the builder and then, when ``cfg.pretrained`` names a file, loads 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import Callable, Mapping
 
 from torch import nn
 
 from trainer.config import (  # noqa: F401  (re-exported: the models' config and its choices)
-    MODEL_NAMES, NECK_FEATS, REGION_MODES, TMGF_STEMS, ModelConfig, PATModelConfig, TMGFModelConfig, ViTModelConfig,
+    MODEL_NAMES,
+    NECK_FEATS,
+    REGION_MODES,
+    TMGF_STEMS,
+    ModelConfig,
+    PATModelConfig,
+    TMGFModelConfig,
+    ViTModelConfig,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +58,7 @@ def as_model_config(cfg: object) -> ModelConfig:
     try:
         from omegaconf import DictConfig, OmegaConf
     except ImportError:  # pragma: no cover - hydra is a dependency
-        DictConfig = ()  # type: ignore[assignment]
+        DictConfig = ()  # type: ignore[assignment,misc]
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
         if isinstance(cfg, ModelConfig):

@@ -64,7 +64,8 @@ class GlobalBatchNorm(_BatchNorm):
             raise ValueError(f"GlobalBatchNorm: {int(n)} value(s) per channel over all ranks; need > 1 in training")
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises with
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        if (self.track_running_stats and self.running_mean is not None and self.running_var is not None
+                and self.num_batches_tracked is not None):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum

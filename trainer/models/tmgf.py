@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ class TMGF(nn.Module):
         if cfg.num_cams < 1:
             raise ValueError(f"model.num_cams={cfg.num_cams}; tmgf needs the number of cameras (> 0) "
                              "for its camera embedding")
-        kwargs = {"embed_layer": IBNStemPatchEmbed} if cfg.tmgf_stem == "ibn" else {}
+        kwargs: dict[str, Any] = {"embed_layer": IBNStemPatchEmbed} if cfg.tmgf_stem == "ibn" else {}
         self.backbone = build_vit(cfg.backbone, cfg.img_size, drop_path_rate=cfg.drop_path_rate, **kwargs)
         if self.backbone.num_prefix_tokens != 1 or len(self.backbone.blocks) < 1:
             raise ValueError(f"backbone {cfg.backbone!r}: tmgf needs exactly one prefix (cls) token and >= 1 block")
@@ -148,8 +149,8 @@ class TMGF(nn.Module):
     def reseed_branches(self) -> None:
         """Copy the trunk's block L and final LayerNorm into every branch (values only)."""
         for branch in self.branches:
-            branch.block.load_state_dict(self.backbone.blocks[-1].state_dict())
-            branch.norm.load_state_dict(self.backbone.norm.state_dict())
+            branch.get_submodule("block").load_state_dict(self.backbone.blocks[-1].state_dict())
+            branch.get_submodule("norm").load_state_dict(self.backbone.norm.state_dict())
 
     def load_pretrained_weights(self, path: str | Path, *, old_grid: tuple[int, int] | None = None) -> LoadReport:
         """Load a TransReID(-SSL) or timm ViT checkpoint into the backbone, then re-seed the branches;
@@ -198,6 +199,7 @@ class TMGF(nn.Module):
     def trunk(self, img: torch.Tensor, camid: torch.Tensor) -> torch.Tensor:
         """B x (1+N) x D tokens after blocks 1..L-1, without the final LayerNorm."""
         bb = self.backbone
+        assert bb.cls_token is not None and bb.pos_embed is not None  # timm's defaults, kept by build_vit
         self._check_camid(camid, img.shape[0])
         x = bb.patch_embed(img)
         x = torch.cat([bb.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + bb.pos_embed

@@ -42,9 +42,10 @@ import math
 import os
 import pickle
 import zipfile
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Mapping
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -254,22 +255,26 @@ def timm_source(spec: str) -> TimmSource:
     if problem is not None:
         raise WeightsError(f"model.pretrained={spec!r}: expected {problem}")
     cfg = get_pretrained_cfg(spec[len(TIMM_PREFIX):])
+    assert cfg is not None, "timm_name_problem accepted the name, so timm has its pretrained cfg"
     repo, _, revision = (cfg.hf_hub_id or "").partition("@")
     if not repo and not cfg.url:
         raise WeightsError(f"model.pretrained={spec!r}: timm names no download for these weights; pick another "
                            f"tag, or pass model.pretrained=FILE of a local weight file")
     files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_FILES
-    return TimmSource(spec=spec, repo=repo or None, revision=revision or None, filenames=files, url=cfg.url or None)
+    # timm also allows a (url, filename) pair in ``url``; every ViT tag has a plain str
+    url = cast("str | None", cfg.url or None)
+    return TimmSource(spec=spec, repo=repo or None, revision=revision or None, filenames=files, url=url)
 
 
 def timm_cached_file(source: TimmSource) -> Path | None:
     """The cached file of ``source`` (hub cache first, as timm prefers the hub; then torch hub's), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in source.filenames if source.repo else ():
-        hit = try_to_load_from_cache(source.repo, filename, revision=source.revision)
-        if isinstance(hit, str):  # not None and not the cache's "known absent" marker
-            return Path(hit)
+    if source.repo:
+        for filename in source.filenames:
+            hit = try_to_load_from_cache(source.repo, filename, revision=source.revision)
+            if isinstance(hit, str):  # not None and not the cache's "known absent" marker
+                return Path(hit)
     if source.url and source.url_file().is_file():
         return source.url_file()
     return None
@@ -357,7 +362,8 @@ def _num_ckpt_prefix(state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     return int("cls_token" in state) + int("dist_token" in state) + n_reg, n_reg
 
 
-def _infer_grid(n_tokens: int, model_grid: tuple[int, int], old_grid: tuple[int, int] | None, path: Path) -> tuple[int, int]:
+def _infer_grid(n_tokens: int, model_grid: tuple[int, int], old_grid: tuple[int, int] | None,
+                path: Path) -> tuple[int, int]:
     if old_grid is not None:
         old = (int(old_grid[0]), int(old_grid[1]))
         if old[0] * old[1] != n_tokens:
@@ -377,14 +383,16 @@ def _adapt_pos_embed(
     state: dict[str, torch.Tensor], ckpt: Mapping[str, torch.Tensor], target: nn.Module,
     old_grid: tuple[int, int] | None, path: Path, report: LoadReport,
 ) -> torch.Tensor:
+    vit: Any = target  # a timm ViT; its attributes are dynamic (``Tensor | Module``) to mypy
     pos = state["pos_embed"]
-    want = target.pos_embed
-    n_prefix = int(target.num_prefix_tokens)  # cls + register (part) tokens
+    want = vit.pos_embed
+    n_prefix = int(vit.num_prefix_tokens)  # cls + register (part) tokens
     n_reg = n_prefix - 1
     ck_prefix, ck_reg = _num_ckpt_prefix(ckpt)  # counted before any key was skipped
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != want.shape[2] or pos.shape[1] <= ck_prefix:
         raise WeightsError(f"{path}: pos_embed expected (1, N, {want.shape[2]}), found {tuple(pos.shape)}; {_FIX}")
-    model_grid = tuple(int(g) for g in target.patch_embed.grid_size)
+    rows, cols = vit.patch_embed.grid_size
+    model_grid = (int(rows), int(cols))
     grid_pe = pos[:, ck_prefix:]
     old = _infer_grid(grid_pe.shape[1], model_grid, old_grid, path)
     if old != model_grid:
@@ -460,7 +468,8 @@ def load_pretrained(
 
     own = target.state_dict()
     # tokens of another width are not adapted: fit_errors reports them with every other mis-shaped key
-    if "pos_embed" in state and state["pos_embed"].ndim == 3 and state["pos_embed"].shape[2] == own["pos_embed"].shape[2]:
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and pos.shape[2] == own["pos_embed"].shape[2]:
         state["pos_embed"] = _adapt_pos_embed(state, ckpt, target, old_grid, path, report)
     if "reg_token" in own and "cls_token" in state and state["cls_token"].shape == own["cls_token"].shape:
         if "reg_token" not in state or state["reg_token"].shape != own["reg_token"].shape:
