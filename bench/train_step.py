@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bank as bank_bench  # noqa: E402
 
 from bench.cli import Parser, int_list, non_negative_int, positive_int, run_cli  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
 from trainer.losses import label_smooth_ce, triplet_loss  # noqa: E402
-from trainer.models import ModelConfig, build_model  # noqa: E402
+from trainer.models import build_model  # noqa: E402
 
 
 def _step_time(model: torch.nn.Module, opt: torch.optim.Optimizer, img: torch.Tensor, pid: torch.Tensor,

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.config import ModelConfig
 from trainer.models import (
-    ModelConfig,
     ModelOutput,
     PartAwareTransformer,
     available_backbones,

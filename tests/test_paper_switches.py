@@ -19,13 +19,13 @@ from torch import nn
 
 from launch import slurm as launcher
 from tests.badinput import BadInput, check
-from trainer.config import CONFIG_DIR, Config, OptimConfig, PATConfig, compose
+from trainer.config import CONFIG_DIR, Config, ModelConfig, OptimConfig, PATConfig, compose
 from trainer.engine.optim import EpochLR, build_optimizer, param_groups
 from trainer.losses.csl import csl_loss, csl_loss_reference
 from trainer.losses.psd import pat_total, psd_loss, self_distillation_loss
 from trainer.losses.triplet import triplet_loss
 from trainer.memory import PartMemoryBank
-from trainer.models import ModelConfig, build_model, part_attention_mask
+from trainer.models import build_model, part_attention_mask
 from trainer.models.pat import fixed_regions
 
 EXPS = sorted(p.stem for p in (CONFIG_DIR / "exp").glob("*.yaml"))

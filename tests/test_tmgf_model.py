@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.models import ModelConfig, build_model
+from trainer.config import ModelConfig
+from trainer.models import build_model
 from trainer.models.ibn_stem import IBNStemPatchEmbed
 from trainer.models.tmgf import TMGF, TMGF_VARIANTS, stripe_pool
 from trainer.models.tmgf_weights import transreid_key

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.config import ConfigError, compose
-from trainer.models.registry import ModelConfig, build_model
+from trainer.config import ConfigError, ModelConfig, compose
+from trainer.models.registry import build_model
 from trainer.models.weights import (
     WeightsError,
     WeightsNotFound,

@@ -1,6 +1,6 @@
 """Models: timm ViT backbones, PAT and the ViT baseline, TMGF, BN-neck heads, pretrained-weight loading.
 
-``build_model(ModelConfig(...), num_classes)`` is the entry point; importing this package registers
+``build_model(trainer.config.ModelConfig(...), num_classes)`` is the entry point; importing this package registers
 every model (``available_models()``).
 """
 
@@ -11,13 +11,12 @@ from . import tmgf as _tmgf  # noqa: F401  (registers "tmgf")
 from .backbones import available_backbones, build_vit, masked_block_forward
 from .heads import BNNeck
 from .pat import ModelOutput, PartAwareTransformer, PartRegion, ViTBaseline, part_attention_mask
-from .registry import ModelConfig, available_models, build_model, register_model
+from .registry import available_models, build_model, register_model
 from .weights import LoadReport, load_pretrained, read_state_dict
 
 __all__ = [
     "BNNeck",
     "LoadReport",
-    "ModelConfig",
     "ModelOutput",
     "PartAwareTransformer",
     "PartRegion",

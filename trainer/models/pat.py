@@ -42,9 +42,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from trainer.config import REGION_MODES, ModelConfig
+
 from .backbones import build_vit, check_maskable, grid_size, masked_block_forward
 from .heads import BNNeck
-from .registry import REGION_MODES, ModelConfig, register_model
+from .registry import register_model
 
 
 class ModelOutput(NamedTuple):

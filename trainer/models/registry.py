@@ -1,7 +1,7 @@
 """Model registry: ``@register_model(name)`` builders and ``build_model(cfg, num_classes)``.
 
 A builder is ``fn(cfg: ModelConfig, num_classes: int) -> nn.Module``. The config classes live in
-:mod:`trainer.config` (reading a config loads no model); re-exported here. ``build_model`` validates the
+:mod:`trainer.config` (reading a config loads no model). ``build_model`` validates the
 config, calls the builder and then, when ``cfg.pretrained`` names a file, loads it with the model's own
 ``load_pretrained_weights`` when it has one (TMGF), else :func:`trainer.models.weights.load_pretrained`
 (which raises on anything that does not fit).
@@ -15,16 +15,7 @@ from dataclasses import fields
 
 from torch import nn
 
-from trainer.config import (  # noqa: F401  (re-exported: the models' config and its choices)
-    MODEL_NAMES,
-    NECK_FEATS,
-    REGION_MODES,
-    TMGF_STEMS,
-    ModelConfig,
-    PATModelConfig,
-    TMGFModelConfig,
-    ViTModelConfig,
-)
+from trainer.config import MODEL_NAMES, ModelConfig
 
 log = logging.getLogger(__name__)
 

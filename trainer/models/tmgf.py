@@ -46,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import ModelConfig
+
 from .backbones import build_vit, grid_size
 from .heads import frozen_bias_bn
 from .ibn_stem import IBNStemPatchEmbed
-from .registry import ModelConfig, register_model
+from .registry import register_model
 from .tmgf_weights import CAMERA_KEYS, OPTIONAL_STEM_KEYS, transreid_key
 from .weights import LoadReport, WeightsError, fit_errors, load_pretrained, read_state_dict
 
