@@ -5,7 +5,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
-export PYTHONPATH := $(CURDIR)
 
 .PHONY: venv demo tmgf-demo test test-fast lint bench clean
 

@@ -24,17 +24,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.cli import Parser, int_list, non_negative_int, positive_int, run_cli  # noqa: E402
-from trainer.losses import communication_bytes, csl_step  # noqa: E402
-from trainer.memory import PartMemoryBank  # noqa: E402
+from bench.cli import Parser, int_list, non_negative_int, positive_int, run_cli
+from trainer.losses import communication_bytes, csl_step
+from trainer.memory import PartMemoryBank
 
 
 @dataclass

@@ -9,12 +9,8 @@ types below refuse what the benches cannot run with (a size of 0, a list that do
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-from shards.errors import UserError, run_cli  # noqa: E402
+from shards.errors import UserError, run_cli
 
 __all__ = ["Parser", "int_list", "positive_int", "non_negative_int", "run_cli"]
 

@@ -34,14 +34,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.cli import Parser, non_negative_int, positive_int, run_cli  # noqa: E402
-from shards.pack import pack  # noqa: E402
-from trainer.data.catalogue import SampleIndex  # noqa: E402
-from trainer.data.dataset import ReIDDataset  # noqa: E402
-from trainer.data.store import SampleStore, WidsSampleStore  # noqa: E402
-from trainer.data.transforms import TransformConfig, build_transforms  # noqa: E402
+from bench.cli import Parser, non_negative_int, positive_int, run_cli
+from shards.pack import pack
+from trainer.data.catalogue import SampleIndex
+from trainer.data.dataset import ReIDDataset
+from trainer.data.store import SampleStore, WidsSampleStore
+from trainer.data.transforms import TransformConfig, build_transforms
 
 
 def synth_folder(root: Path, n: int, ids: int, size: tuple[int, int] = (128, 64), seed: int = 0) -> None:

@@ -14,22 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bank as bank_bench  # noqa: E402
-
-from bench.cli import Parser, int_list, non_negative_int, positive_int, run_cli  # noqa: E402
-from trainer.config import ModelConfig  # noqa: E402
-from trainer.losses import label_smooth_ce, triplet_loss  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from bench import bank as bank_bench
+from bench.cli import Parser, int_list, non_negative_int, positive_int, run_cli
+from trainer.config import ModelConfig
+from trainer.losses import label_smooth_ce, triplet_loss
+from trainer.models import build_model
 
 
 def _step_time(model: torch.nn.Module, opt: torch.optim.Optimizer, img: torch.Tensor, pid: torch.Tensor,

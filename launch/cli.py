@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
+from pathlib import Path
 
 from launch.executor import executor_parameters, job_environment, render_sbatch, slurm_parameters
-from launch.plan import LaunchPlan
+from launch.plan import LaunchPlan, deepspeed_config_of
 from launch.resources import (
     CLUSTERS,
     DEFAULT_MAX_REQUEUES,
@@ -76,8 +76,11 @@ def print_dry_run(launch: LaunchPlan) -> None:
           f"max requeues {res.max_requeues})")
     print(f"# run dir: {launch.cfg.run_dir}")
     print(f"# overrides: {' '.join(shlex.quote(o) for o in launch.overrides)}")
-    env = job_environment(res, cluster, dict(os.environ))
+    env = job_environment(res, cluster)
     print(f"# environment: {' '.join(f'{k}={shlex.quote(v)}' for k, v in sorted(env.items()))}")
+    if launch.cfg.train.strategy == "deepspeed":
+        print(f"# deepspeed config (written to {Path(launch.cfg.run_dir) / 'deepspeed.json'}):")
+        print(json.dumps(deepspeed_config_of(launch.cfg, res), indent=1, sort_keys=True))
     if cluster == "slurm":
         print(render_sbatch(slurm_parameters(res, launch.job_name), launch.folder))
         srun = " ".join(shlex.quote(a) for a in ["srun", "--unbuffered", *launch.container.get("srun_args", [])])

@@ -14,7 +14,6 @@ import submitit
 
 from launch.resources import NAME, LaunchError, Resources
 
-REPO = Path(__file__).resolve().parents[1]
 """The checkout: the job imports ``launch`` and ``trainer`` from it."""
 
 
@@ -114,12 +113,12 @@ def make_executor(cluster: str, folder: str | os.PathLike[str], res: Resources, 
     return executor
 
 
-def job_environment(res: Resources, cluster: str, environ: dict[str, str]) -> dict[str, str]:
+def job_environment(res: Resources, cluster: str) -> dict[str, str]:
     """Variables to set in the launcher's environment, which sbatch and the local executor pass to
-    the job: the checkout first on PYTHONPATH (the job imports ``launch`` and ``trainer`` from it)
-    and, on ``local``, ``--cpus-per-task`` as each rank's thread count (SLURM grants it as cores)."""
-    rest = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO)] + rest)}
+    the job: on ``local``, ``--cpus-per-task`` as each rank's thread count (SLURM grants it as cores).
+    The job imports ``launch`` and ``trainer`` through the project's editable install in the same
+    Python that runs the launcher (``sys.executable``), so no search path is set here."""
+    env: dict[str, str] = {}
     if cluster == "local" and res.cpus_per_task is not None:
         env["OMP_NUM_THREADS"] = str(res.cpus_per_task)
     return env

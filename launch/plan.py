@@ -4,13 +4,14 @@ machine. A dry run prints a :class:`LaunchPlan`; :func:`launch.slurm.submit` sub
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from launch.executor import container_setup
-from launch.resources import Resources
+from launch.resources import LaunchError, Resources
 from trainer.config import Config, ConfigError, compose
 
 
@@ -62,7 +63,26 @@ def plan(cluster: str, res: Resources, overrides: list[str], folder: str | None 
     cfg, job_overrides = compose_job(overrides)
     container = container_setup(res, os.getcwd(), cfg.run_dir)
     check_run(cfg)
+    if cfg.train.strategy == "deepspeed":
+        deepspeed_config_of(cfg, res)
     run_dir = Path(cfg.run_dir)
     where = Path(folder).resolve() if folder else run_dir / "submitit" / "%j"
     return LaunchPlan(cluster=cluster, res=res, cfg=cfg, overrides=job_overrides, folder=where,
                       job_name=f"reid-{cfg.name}", container=container)
+
+
+def deepspeed_config_of(cfg: Config, res: Resources) -> dict[str, Any]:
+    """The DeepSpeed config the job will derive (``trainer.engine.zero.deepspeed_config``) for this request."""
+    from trainer.engine.strategy import resolve_precision
+    from trainer.engine.zero import deepspeed_config
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError("train.strategy=deepspeed: DeepSpeed is not installed in this Python; install the "
+                          "project's requirements.txt (it pins deepspeed), or use train.strategy=ddp")
+    t = cfg.train
+    try:
+        return deepspeed_config(zero_stage=t.zero_stage, clip_grad=t.clip_grad, global_batch=cfg.global_batch(),
+                                precision=resolve_precision(t.precision, "cuda" if res.gpus_per_node else "cpu"),
+                                world_size=res.world_size)
+    except ValueError as exc:
+        raise LaunchError(f"train.strategy=deepspeed: {exc}; choose a number of ranks that divides it") from None

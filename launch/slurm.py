@@ -37,22 +37,25 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:  # run as a script: the repo's packages must be importable
-    sys.path.insert(0, str(_REPO))
+try:  # the one import mechanism is the project's editable install: say so in one line where it is missing
+    import launch  # noqa: F401
+except ModuleNotFoundError:
+    print(f"{Path(sys.argv[0]).name}: error: the project is not installed in this Python ({sys.executable}); run "
+          f"`make venv` and use .venv/bin/python, or `pip install -e .` in the checkout", file=sys.stderr)
+    raise SystemExit(2) from None
 
-import submitit  # noqa: E402
-import torch  # noqa: E402
+import submitit
+import torch
 
-from launch.cli import PROG, build_parser, print_dry_run, resources_from_args  # noqa: E402
-from launch.executor import (  # noqa: E402
+from launch.cli import PROG, build_parser, print_dry_run, resources_from_args
+from launch.executor import (
     check_slurm_installed,
     job_environment,
     make_executor,
     slurm_parameters,
 )
-from launch.plan import LaunchPlan, plan  # noqa: E402
-from launch.requeue import (  # noqa: E402
+from launch.plan import LaunchPlan, plan
+from launch.requeue import (
     LAUNCH_LOG,
     REQUEUES_FILE,
     launch_log,
@@ -60,13 +63,13 @@ from launch.requeue import (  # noqa: E402
     record_requeue,
     reset_requeues,
 )
-from launch.resources import START_ALLOWANCE_S, LaunchError, Resources, parse_mem, parse_time  # noqa: E402
-from shards.atomic import atomic_write_bytes  # noqa: E402
-from shards.errors import run_cli  # noqa: E402
-from trainer import dist  # noqa: E402
-from trainer.config import Config, compose  # noqa: E402
-from trainer.engine.checkpoint import resolve_resume  # noqa: E402
-from trainer.engine.stop import StopFlag  # noqa: E402
+from launch.resources import START_ALLOWANCE_S, LaunchError, Resources, parse_mem, parse_time
+from shards.atomic import atomic_write_bytes
+from shards.errors import run_cli
+from trainer import dist
+from trainer.config import Config, compose
+from trainer.engine.checkpoint import resolve_resume
+from trainer.engine.stop import StopFlag
 
 __all__ = [
     # the submission and the job
@@ -226,7 +229,7 @@ def submit(launch: LaunchPlan, argv: list[str] | None = None) -> submitit.Job:
     res, run_dir = launch.res, Path(launch.cfg.run_dir)
     ensure_datasets(launch.cfg.data)
     write_run_config(launch.cfg)
-    os.environ.update(job_environment(res, launch.cluster, dict(os.environ)))
+    os.environ.update(job_environment(res, launch.cluster))
     executor = make_executor(launch.cluster, launch.folder, res, launch.job_name, launch.container)
     reset_requeues(run_dir, res.max_requeues)
     job = executor.submit(TrainJob(launch.overrides, str(run_dir), os.getcwd(), res.max_requeues))

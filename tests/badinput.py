@@ -64,7 +64,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def run(row: BadInput, tmp: Path) -> subprocess.CompletedProcess[str]:
     argv = [a.replace("{tmp}", str(tmp)) for a in row.argv]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **row.env}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **row.env}
     env.pop("SLURM_JOB_ID", None)
     return subprocess.run([sys.executable, *argv], cwd=tmp, env=env, capture_output=True, text=True,
                           timeout=row.timeout, stdin=subprocess.DEVNULL)

@@ -265,11 +265,9 @@ def test_executors_get_what_their_cluster_honours(tmp_path: Path) -> None:
 
 def test_job_environment() -> None:
     res = launcher.Resources(cpus_per_task=3)
-    repo = str(REPO)
-    env = launcher.job_environment(res, "local", {"PYTHONPATH": os.pathsep.join(["/x", repo])})
-    assert env == {"PYTHONPATH": os.pathsep.join([repo, "/x"]), "OMP_NUM_THREADS": "3"}  # threads per rank
-    assert launcher.job_environment(res, "slurm", {}) == {"PYTHONPATH": repo}  # SLURM grants the cores itself
-    assert "OMP_NUM_THREADS" not in launcher.job_environment(launcher.Resources(), "local", {})
+    assert launcher.job_environment(res, "local") == {"OMP_NUM_THREADS": "3"}  # threads per rank
+    assert launcher.job_environment(res, "slurm") == {}  # SLURM grants the cores itself
+    assert launcher.job_environment(launcher.Resources(), "local") == {}
 
 
 # -- process setup --------------------------------------------------------------------------------

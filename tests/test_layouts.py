@@ -297,7 +297,7 @@ def test_shards_import_no_torch() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'webdataset', 'numpy', 'PIL'))\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PATH": ""})
 
 
 def test_layout_mistakes_are_user_errors_and_api_misuse_is_not(tmp_path: Path) -> None:

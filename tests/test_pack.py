@@ -411,7 +411,7 @@ def test_command_lines(tmp_path: Path) -> None:
 
     repo = Path(__file__).resolve().parents[1]
     root = make_market(tmp_path / "m")
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = dict(os.environ)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", *args], cwd=repo, env=env, capture_output=True, text=True)

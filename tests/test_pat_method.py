@@ -28,7 +28,8 @@ def _overrides(cache: str, run_dir: str, *extra: str) -> list[str]:
 def _one_step(rank: int, world_size: int, cache: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer.engine.strategy import Strategy
+    from trainer.config import OptimConfig
+    from trainer.engine.strategy import DDPStrategy
     from trainer.methods.pat import PATMethod
 
     cfg = compose(_overrides(cache, "/tmp/unused", "model.drop_path_rate=0.0"))
@@ -39,9 +40,10 @@ def _one_step(rank: int, world_size: int, cache: str) -> dict:
     # train-mode BN neck over the global batch (train.sync_bn): with the bank, CSL, PSD, triplet and
     # gradient averaging, the whole step — running statistics included — equals one process.
     model.train()
-    wrapped = Strategy(torch.device("cpu"), "fp32", sync_bn=True).wrap(model)
+    plain_sgd = OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    wrapped, opt = DDPStrategy(torch.device("cpu"), "fp32", sync_bn=True).setup(model, groups, plain_sgd)
     assert isinstance(wrapped, DistributedDataParallel) == (world_size > 1)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     batch = next(iter(method.train_batches(0, 0)))
     result = method.training_step(wrapped, batch)
     opt.zero_grad()

@@ -42,7 +42,7 @@ class Run:
     """One torchrun launch; its output goes to files (a pipe left unread could stall it)."""
 
     def __init__(self, cache: Path, run_dir: Path, tag: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         self.out, self.err = run_dir.parent / f"{tag}.out", run_dir.parent / f"{tag}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(_command(cache, run_dir), cwd=ROOT, env=env, stdout=out, stderr=err,

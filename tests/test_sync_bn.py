@@ -133,7 +133,7 @@ def test_conversion_moves_parameters_and_buffers_and_eval_is_plain_bn() -> None:
 
 def _tmgf_body(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tensor]:
     from trainer.config import compose
-    from trainer.engine.strategy import Strategy
+    from trainer.engine.strategy import DDPStrategy
     from trainer.methods.tmgf import TMGFMethod
 
     cfg = compose(["exp=tmgf_smoke", f"run_dir={run_dir}", "model.drop_path_rate=0.0"])  # no RNG in the forward
@@ -142,8 +142,8 @@ def _tmgf_body(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tens
     model = method.build_model()
     method.recluster(model, 0)
     batch = next(iter(method.train_batches(0, 0)))  # this rank's slice of the (world-independent) global batch
-    strategy = Strategy(torch.device("cpu"), "fp32", sync_bn=True)
-    wrapped = strategy.wrap(model)
+    strategy = DDPStrategy(torch.device("cpu"), "fp32", sync_bn=True)
+    wrapped, _ = strategy.setup(model, [{"params": list(model.parameters())}], cfg.train.optim)
     wrapped.train()
     feats = wrapped(batch["img"], batch["camid"])
     feats.sum().backward()

@@ -108,6 +108,10 @@ class OptimConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """``train.precision`` choices; the engine resolves ``auto`` and ``trainer.engine.strategy`` takes the rest."""
+STRATEGIES = ("ddp", "deepspeed")
+"""``train.strategy`` choices (``trainer.engine.strategy.build_strategy``)."""
+ZERO_STAGES = (1, 2)
+"""``train.zero_stage`` choices: ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients."""
 RESUME_MODES = ("auto", "never")
 """``train.resume`` values that are not a checkpoint directory (``trainer.engine.checkpoint.resolve_resume``)."""
 
@@ -126,6 +130,15 @@ class TrainConfig:
     """Under DDP, BatchNorm statistics over the global batch (the papers' single-GPU batch): torch's
     SyncBatchNorm on CUDA, ``trainer.models.sync_bn.GlobalBatchNorm`` on the CPU. False = plain DDP
     (each rank normalises its own slice). No effect on one process."""
+    strategy: str = "ddp"
+    """How the model is replicated over the ranks: ``ddp`` (torch DDP; one process without a group) or
+    ``deepspeed`` (DeepSpeed ZeRO stage ``zero_stage``: optimizer state, and with stage 2 the gradients,
+    sharded over the ranks). Both save the same checkpoint, so a run resumes under either (docs/launch.md)."""
+    zero_stage: int = 2
+    """ZeRO stage under ``strategy=deepspeed``: 1 shards the optimizer state, 2 also the gradients."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value under either strategy; 0 = off (the papers). Written
+    into DeepSpeed's config explicitly: DeepSpeed's own default is not off."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule."""
     resume: str = "auto"
@@ -151,6 +164,10 @@ class TrainConfig:
             ("epochs", self.epochs > 0, "> 0"),
             ("seed", self.seed >= 0, ">= 0"),  # the samplers' seed sequences take non-negative seeds
             ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
+            ("zero_stage", self.zero_stage in ZERO_STAGES, f"one of {ZERO_STAGES} (ZeRO-1: optimizer state "
+             "sharded, ZeRO-2: and gradients)"),
+            ("clip_grad", self.clip_grad >= 0, ">= 0 (0: no clipping)"),
             ("resume", bool(self.resume), f"one of {RESUME_MODES} or a checkpoint directory"),
             ("ckpt_every_steps", self.ckpt_every_steps >= 0, ">= 0 (0: only at epoch ends)"),
             ("ckpt_every_epochs", self.ckpt_every_epochs >= 1, ">= 1"),
@@ -710,6 +727,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pat: PATConfig = field(default_factory=PATConfig)
     tmgf: TMGFConfig = field(default_factory=TMGFConfig)
+
+    def global_batch(self) -> int:
+        """Images per optimizer step over all ranks: P x K of the method's sampler."""
+        if self.method == "tmgf":
+            return self.tmgf.proxies_per_batch * self.tmgf.images_per_proxy
+        return self.data.ids_per_batch * self.data.images_per_id
 
     def _checks(self) -> list[Check]:
         methods, paired = tuple(METHOD_MODELS), METHOD_MODELS.get(self.method)

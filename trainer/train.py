@@ -196,7 +196,7 @@ def run(cfg: Config, stop_flag: StopFlag | None = None) -> FitResult:
         write_run_config(cfg)
     ensure_datasets(cfg.data)  # one writer per node makes the synthetic ones, then a barrier
     method = build_method(cfg)
-    return Engine(method, cfg.train, cfg.eval, run_dir, stop_flag=stop_flag).fit()
+    return Engine(method, cfg.train, cfg.eval, run_dir, stop_flag=stop_flag, global_batch=cfg.global_batch()).fit()
 
 
 def _train(args: list[str]) -> int:

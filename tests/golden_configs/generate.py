@@ -4,7 +4,7 @@ The fixture pins what each ``configs/exp/*.yaml`` composes to, so that restructu
 (groups, defaults, renamed fields) is checked against the values the experiments had before it
 (``tests/test_config_groups.py``). Regenerate it only when an experiment's values change on purpose::
 
-    PYTHONPATH=. .venv/bin/python tests/golden_configs/generate.py
+    .venv/bin/python -m tests.golden_configs.generate
 """
 
 from __future__ import annotations

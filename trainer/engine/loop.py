@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
+from shards.atomic import atomic_write_bytes
 from shards.errors import UserError
 from trainer import dist
 from trainer.config import EvalConfig, TrainConfig
 from trainer.engine.checkpoint import check_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.engine.method import Method
 from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
-from trainer.engine.optim import EpochLR, build_optimizer, param_groups
+from trainer.engine.optim import EpochLR, param_groups
 from trainer.engine.stop import StopFlag
-from trainer.engine.strategy import Strategy
+from trainer.engine.strategy import build_strategy, json_bytes, resolve_precision
 
 if TYPE_CHECKING:
     from trainer.engine.prometheus import PrometheusSink
@@ -138,7 +139,8 @@ class Engine:
     """Runs a :class:`Method` under a strategy, with checkpoints, evaluation and metrics."""
 
     def __init__(self, method: Method, cfg: TrainConfig, eval_cfg: EvalConfig, run_dir: str | os.PathLike[str],
-                 sinks: list[MetricsSink] | None = None, stop_flag: StopFlag | None = None) -> None:
+                 sinks: list[MetricsSink] | None = None, stop_flag: StopFlag | None = None,
+                 global_batch: int | None = None) -> None:
         self.method = method
         self.cfg = cfg
         self.eval_cfg = eval_cfg
@@ -147,10 +149,12 @@ class Engine:
         self.stop_flag = stop_flag or StopFlag()
         info = dist.info()
         self.device = info.device
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
-        self.strategy = Strategy(self.device, precision, sync_bn=cfg.sync_bn)
+        precision = resolve_precision(cfg.precision, self.device.type)
+        # images per step over all ranks (sizes DeepSpeed's micro-batch); trainer.train passes the config's
+        self.strategy = build_strategy(cfg, self.device, precision, global_batch or dist.get_world_size())
+        if dist.is_main() and self.strategy.name == "deepspeed":  # the resolved DeepSpeed config, for the record
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / "deepspeed.json", json_bytes(self.strategy.describe()["deepspeed"]))
         exporter = None
         if cfg.metrics_port >= 0:  # every rank agrees: a busy port stops all of them, not rank 0 alone
             exporter = agreed(self._start_exporter)  # before metrics.jsonl: a refused run leaves no file
@@ -163,6 +167,20 @@ class Engine:
             self.metrics.log("metrics_server", url=f"http://{exporter.addr}:{exporter.port}/metrics")
         method.bind_metrics(self.metrics.log)
 
+    def _log_changes(self, state: dict[str, Any]) -> None:
+        """Say so when a resume changes the world size or the strategy: the run goes on, exactly from the
+        saved weights, optimizer state, memories and sampler position, but the ranks' random streams
+        (drop-path, augmentation order within a rank) are re-laid, so results differ from an
+        uninterrupted run's."""
+        saved_world, world = state.get("world_size"), dist.get_world_size()
+        if saved_world is not None and saved_world != world:
+            self.metrics.log("world_size_changed", saved_world_size=saved_world, world_size=world,
+                             note="resumed at another world size: same global batch and position; the random "
+                                  "streams are re-laid, so results differ from an uninterrupted run")
+        saved_strategy = state["strategy"].get("name", "ddp")  # checkpoints before strategies were named: DDP
+        if saved_strategy != self.strategy.name:
+            self.metrics.log("strategy_changed", saved=saved_strategy, now=self.strategy.name)
+
     def _start_exporter(self) -> PrometheusSink | None:
         if not dist.is_main():
             return None
@@ -174,8 +192,8 @@ class Engine:
     def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step_in_epoch: int,
                global_step: int, best: dict[str, Any], initial: dict[str, Any]) -> dict[str, Any]:
         return {
-            "model": self.strategy.unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": self.strategy.model_state_dict(model),
+            "optimizer": self.strategy.optimizer_state_dict(),
             "strategy": self.strategy.state_dict(),
             "method": self.method.state_dict(),
             "epoch": epoch,
@@ -208,8 +226,7 @@ class Engine:
         torch.manual_seed(cfg.seed)  # identical model init on every rank (DDP also broadcasts it)
         model = self.method.build_model()
         groups = self.method.param_groups(model) or param_groups(model, cfg.optim)
-        wrapped = self.strategy.wrap(model)
-        optimizer = build_optimizer(groups, cfg.optim)
+        wrapped, optimizer = self.strategy.setup(model, groups, cfg.optim)
         schedule = EpochLR(optimizer, cfg.optim)
         steps_per_epoch = self.method.steps_per_epoch()
 
@@ -220,14 +237,15 @@ class Engine:
         if ckpt is not None:
             check_checkpoint(ckpt, STATE_KEYS)
             state = load_checkpoint(ckpt, required_keys=STATE_KEYS)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            self.strategy.load_model_state_dict(wrapped, state["model"])
+            self.strategy.load_optimizer_state_dict(state["optimizer"])
             self.strategy.load_state_dict(state["strategy"])
             self.method.load_state_dict(state["method"])
             epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
             best, initial = state.get("best", {}), state.get("initial", {})
             self.metrics.log("resume", path=str(ckpt), epoch=epoch, step_in_epoch=step_in_epoch, step=global_step,
                              world_size=dist.get_world_size(), saved_world_size=state.get("world_size"))
+            self._log_changes(state)
         self.method.on_fit_start(model, resumed=ckpt is not None)
         if ckpt is None and self.eval_cfg.at_start:
             initial = self._evaluate(wrapped, -1, 0)
@@ -246,7 +264,7 @@ class Engine:
                 batch = _to_device(batch, self.device)
                 with self.strategy.autocast():
                     result = self.method.training_step(wrapped, batch)
-                self.strategy.backward_and_step(result.loss, optimizer)
+                self.strategy.backward_and_step(result.loss)
                 self.method.after_optimizer_step(model, batch, result)
                 step_in_epoch = batches.cursor
                 global_step += 1

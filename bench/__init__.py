@@ -1,0 +1,1 @@
+"""Benchmarks that print ratios against the field's own code path (docs/benchmarks.md)."""
