@@ -1,10 +1,12 @@
-"""What both demos do: prepare and verify their data, train through the launcher, print a table."""
+"""What both demos do: prepare and verify their data, train through the launcher, print a table and
+where the run's pictures are."""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from launch.resources import resources
 from launch.slurm import JobFailed, submit_and_wait
@@ -47,3 +49,20 @@ def train_local(overrides: list[str]) -> int:
         return 1
     print(f"      {result['status']} at step {result['step']} (epoch {result['epoch']})", flush=True)
     return 0
+
+
+def print_pictures(run_dir: Path) -> None:
+    """Draw the run's pictures (:mod:`trainer.report`) and print where they are and what each shows.
+
+    A picture that fails to draw is said on stderr and never changes the demo's exit status: the
+    status reports the training and its acceptance bars."""
+    from trainer.report import describe, report
+
+    try:
+        rep = report(run_dir)
+    except Exception as exc:  # see the docstring; the command printed below shows the traceback
+        print(f"pictures: not drawn ({type(exc).__name__}: {exc}); run python -m trainer.report {run_dir}",
+              file=sys.stderr)
+        return
+    print(describe(rep))
+    print(f"  (python -m trainer.report {run_dir} draws them again, also while a run is going)")

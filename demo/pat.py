@@ -3,7 +3,7 @@
 Synthesizes two domains of persons (domain A to train, domain B as the unseen target), packs and
 verifies their shards, trains with 2 local gloo processes submitted through the launcher's local
 cluster (the path a cluster user takes), evaluates on the target before and after, prints a table and
-writes a PNG of the curves.
+writes the run's pictures (:mod:`trainer.report`), printing where they are.
 
 The table's main row is the last epoch. The row ``best on target (oracle, epoch N)`` is the epoch
 with the best mAP on the target domain: choosing an epoch on the unseen domain is an oracle in domain
@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from demo.common import NPROC, prepare, table, train_local
+from demo.common import NPROC, prepare, print_pictures, table, train_local
 from trainer.config import compose
 
 
@@ -33,7 +33,7 @@ def results_table(end: dict) -> str:
 
 
 def run_pat_demo(overrides: list[str]) -> int:
-    """The PAT demo: data, training, the before/after table and the curves."""
+    """The PAT demo: data, training, the before/after table and the pictures."""
     cfg = compose(overrides)
     t0 = time.time()
     print("[1/3] data", flush=True)
@@ -44,11 +44,11 @@ def run_pat_demo(overrides: list[str]) -> int:
     if rc != 0:
         return rc
     print("[3/3] results", flush=True)
-    from trainer.plots import plot_run, read_metrics
+    from trainer.report import METRICS, read_records
 
     run_dir = Path(cfg.run_dir)
-    end = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "end"][-1]
+    end = [r for r in read_records(run_dir / METRICS) if r["kind"] == "end"][-1]
     print(results_table(end))
-    print(f"curves: {plot_run(run_dir)}")
+    print_pictures(run_dir)
     print(f"total {time.time() - t0:.0f}s")
     return 0

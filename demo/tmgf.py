@@ -11,7 +11,8 @@ Two stages, both through the launcher's local cluster with 2 gloo processes:
 Prints, for the source model and after TMGF: domain B's mAP/CMC and the clustering of its training
 set (#clusters against the true number of identities, ARI; the labels are read for this report only),
 then checks the demo's two acceptance bars: #clusters within 20% of the true identities, and target
-mAP at least 15 points above the model TMGF started from.
+mAP at least 15 points above the model TMGF started from. It writes the run's pictures
+(:mod:`trainer.report`, among them clusters vs true ids and ARI per epoch) and prints where they are.
 
 Exit status: 0 when both bars hold, 3 (:data:`ACCEPTANCE_FAILED`) when the run went through but a bar
 does not hold, 2 for a user's mistake (one line on stderr), 1 when training failed (one line naming the
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from demo.common import NPROC, prepare, table, train_local
+from demo.common import NPROC, prepare, print_pictures, table, train_local
 from demo.pat import run_pat_demo
 from shards.errors import UserError, run_cli
 from trainer.config import compose
@@ -54,9 +55,9 @@ def acceptance(numbers: dict[str, float]) -> tuple[bool, str]:
 
 def summarize(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """Table of the run's start/last evaluation and the acceptance numbers."""
-    from trainer.plots import read_metrics
+    from trainer.report import METRICS, read_records
 
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_records(run_dir / METRICS)
     end = [r for r in records if r["kind"] == "end"][-1]
     initial, last = end["initial"], end["last"]
     rows = [("model", "target", "mAP", "R1", "R5", "clusters", "true ids", "outliers", "ARI")]
@@ -105,12 +106,7 @@ def run_demo(args: list[str]) -> int:
         return rc
     text, numbers = summarize(Path(cfg.run_dir))
     print(text)
-    try:
-        from trainer.plots import plot_run
-
-        print(f"curves: {plot_run(Path(cfg.run_dir))}")
-    except Exception as exc:  # plotting is a nicety: never fail the demo on it
-        print(f"(no plot: {exc})")
+    print_pictures(Path(cfg.run_dir))
     print(f"total {time.time() - t0:.0f}s")
     return demo_status(numbers)
 

@@ -22,6 +22,7 @@ from launch.resources import (
     resources,
 )
 from shards.errors import CliParser
+from trainer.config import Config
 
 PROG = "launch/slurm.py"
 RESOURCE_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "signal_delay",
@@ -68,6 +69,21 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
     return resources(args.cluster, **{name: getattr(args, name) for name in RESOURCE_FLAGS})
 
 
+def steps_per_epoch(cfg: Config, images_per_step: int) -> str:
+    """Steps per epoch as the dry run can tell them: TMGF's are configured; PAT's identity sampler sets
+    them from the training data, estimated here from the packs' manifests when they can be read."""
+    if cfg.method == "tmgf":
+        return f"{cfg.tmgf.iters_per_epoch} (tmgf.iters_per_epoch)"
+    sources, _ = cfg.data.resolved()
+    try:
+        n = sum(int(json.loads((Path(cfg.data.root) / name / "manifest.json").read_text())["splits"]["train"]["count"])
+                for name in sources)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "set by the identity sampler from the training data (packs not readable here)"
+    return f"about {n // images_per_step} ({n} training images / {images_per_step} per step; the identity sampler " \
+           "sets the exact number)"
+
+
 def print_dry_run(launch: LaunchPlan) -> None:
     """What would be submitted: the request, the overrides, the environment and, for SLURM, the
     ``#SBATCH`` lines and the srun command."""
@@ -76,6 +92,9 @@ def print_dry_run(launch: LaunchPlan) -> None:
           f"max requeues {res.max_requeues})")
     print(f"# run dir: {launch.cfg.run_dir}")
     print(f"# overrides: {' '.join(shlex.quote(o) for o in launch.overrides)}")
+    plan = launch.cfg.batch_plan(res.world_size)
+    print(f"# {plan.describe()}")
+    print(f"# steps per epoch: {steps_per_epoch(launch.cfg, plan.images)}")
     env = job_environment(res, cluster)
     print(f"# environment: {' '.join(f'{k}={shlex.quote(v)}' for k, v in sorted(env.items()))}")
     if launch.cfg.train.strategy == "deepspeed":

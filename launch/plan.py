@@ -63,6 +63,7 @@ def plan(cluster: str, res: Resources, overrides: list[str], folder: str | None 
     cfg, job_overrides = compose_job(overrides)
     container = container_setup(res, os.getcwd(), cfg.run_dir)
     check_run(cfg)
+    cfg.batch_plan(res.world_size)  # identities that do not split over the ranks: refused before queueing
     if cfg.train.strategy == "deepspeed":
         deepspeed_config_of(cfg, res)
     run_dir = Path(cfg.run_dir)
@@ -81,7 +82,8 @@ def deepspeed_config_of(cfg: Config, res: Resources) -> dict[str, Any]:
                           "project's requirements.txt (it pins deepspeed), or use train.strategy=ddp")
     t = cfg.train
     try:
-        return deepspeed_config(zero_stage=t.zero_stage, clip_grad=t.clip_grad, global_batch=cfg.global_batch(),
+        return deepspeed_config(zero_stage=t.zero_stage, clip_grad=t.clip_grad,
+                                global_batch=cfg.batch_plan(res.world_size).images,
                                 precision=resolve_precision(t.precision, "cuda" if res.gpus_per_node else "cpu"),
                                 world_size=res.world_size)
     except ValueError as exc:

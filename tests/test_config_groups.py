@@ -32,9 +32,11 @@ DERIVED = {"data.transform.size": "model.img_size"}
 size, which the transforms took from ``model.img_size``, now sits in ``data.transform`` and follows it."""
 
 
-ADDED = {"train.strategy": "ddp", "train.zero_stage": 2, "train.clip_grad": 0.0}
+ADDED = {"train.strategy": "ddp", "train.zero_stage": 2, "train.clip_grad": 0.0, "data.batch_scope": "global",
+         "train.optim.lr_scaling": "none"}
 """Keys new since the fixture, with the defaults that keep every experiment as it was: torch DDP, no
-gradient clipping (the papers'); the ZeRO stage applies only under ``train.strategy=deepspeed``."""
+gradient clipping (the papers'), the world-size-invariant global batch at the experiment's LR; the
+ZeRO stage applies only under ``train.strategy=deepspeed``."""
 
 
 def expected(case: str) -> dict[str, Any]:

@@ -441,7 +441,8 @@ def test_dataset_item_and_foreign_transform(packs: dict[str, Path]) -> None:
     tf = build_transforms(TransformConfig(size=(H, W), lgt_p=0.5), train=True)
     ds = ReIDDataset(st, tf)
     item = ds[(22, 99)]
-    assert set(item) == {"img", "pid", "camid", "domain", "index"}
+    assert set(item) == {"img", "pid", "camid", "domain", "index", "seed"}
+    assert item["seed"] == 99  # the sample's seed travels with it: it also seeds its stochastic depth
     assert item["index"] == 22 and item["domain"] == 1 and item["pid"] == st.pid[22] and item["camid"] == st.camid[22]
     assert torch.equal(ds[(22, 99)]["img"], item["img"])
     foreign = ReIDDataset(st, T.Compose([T.RandomResizedCrop((H, W)), T.ToTensor()]))

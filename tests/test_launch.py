@@ -218,9 +218,13 @@ def test_dry_run_multisource_4_nodes(tmp_path: Path, no_submission: None, capsys
                           "--mem", "400G", "--time", "48:00:00", "--partition", "gpu", "--account", "reid",
                           "--qos", "high", "--constraint", "a100", "--signal-delay", "180", "--max-requeues", "5",
                           "exp=multisource", f"run_dir={run_dir}", f"data.root={tmp_path / 'shards'}",
-                          f"model.pretrained={weights}"])
+                          f"model.pretrained={weights}", "data.batch_scope=per_rank", "train.optim.lr_scaling=linear"])
     assert code == 0
     out = capsys.readouterr().out
+    # 32 ranks of 16 identities x 4: 2,048 images per step, the LR scaled 32x from the experiment's 1e-3
+    assert "# batch: 16 x 4 = 64 images per rank, 32 ranks, 2048 per step (data.batch_scope=per_rank); " \
+           "lr 0.032 (train.optim.lr x 32, lr_scaling=linear)" in out, out
+    assert "# steps per epoch: set by the identity sampler" in out  # the fake packs have no counts
     lines = _sbatch_lines(out)
     for expected in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--mem=400G",
                      "--time=2880", "--signal=USR2@180", "--requeue", "--partition=gpu", "--account=reid",

@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "trainer": set(),  # the package's __init__
     "trainer.dist": set(),
     "trainer.config": {"shards"},
-    "trainer.plots": set(),
+    "trainer.report": {"shards"},  # metrics.jsonl only: no torch, no model
     "trainer.models": {"shards", "trainer.dist", "trainer.config"},
     "trainer.data": {"shards", "trainer.dist", "trainer.config"},
     "trainer.memory": {"trainer.dist"},
@@ -32,6 +32,8 @@ ALLOWED: dict[str, set[str]] = {
                         "trainer.memory", "trainer.cluster", "trainer.losses", "trainer.evaluation",
                         "trainer.engine"},
     "trainer.train": {"shards", "trainer"},
+    "trainer.export": {"shards", "trainer"},
+    "trainer.visualize": {"shards", "trainer"},
     "launch": {"shards", "trainer"},
     "demo": {"shards", "trainer", "launch"},
 }

@@ -25,14 +25,17 @@ def _overrides(cache: str, run_dir: str, *extra: str) -> list[str]:
     return ["exp=pat_smoke", f"data.cache_dir={cache}", f"run_dir={run_dir}", "data.num_workers=0", *extra]
 
 
-def _one_step(rank: int, world_size: int, cache: str) -> dict:
+def _one_step(rank: int, world_size: int, cache: str, ids: int = 8) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from trainer.config import OptimConfig
     from trainer.engine.strategy import DDPStrategy
     from trainer.methods.pat import PATMethod
+    from trainer.models.stochastic import sample_seeds
 
-    cfg = compose(_overrides(cache, "/tmp/unused", "model.drop_path_rate=0.0"))
+    # the experiment's own drop_path_rate (0.1): stochastic depth is seeded per sample, not per rank
+    cfg = compose(_overrides(cache, "/tmp/unused", f"data.ids_per_batch={ids}"))
+    assert cfg.model.drop_path_rate > 0
     method = PATMethod(cfg)
     torch.manual_seed(0)
     model = method.build_model()
@@ -45,7 +48,8 @@ def _one_step(rank: int, world_size: int, cache: str) -> dict:
     wrapped, opt = DDPStrategy(torch.device("cpu"), "fp32", sync_bn=True).setup(model, groups, plain_sgd)
     assert isinstance(wrapped, DistributedDataParallel) == (world_size > 1)
     batch = next(iter(method.train_batches(0, 0)))
-    result = method.training_step(wrapped, batch)
+    with sample_seeds(batch["seed"]):  # as the engine scopes a step
+        result = method.training_step(wrapped, batch)
     opt.zero_grad()
     result.loss.backward()
     opt.step()
@@ -60,14 +64,18 @@ def _one_step(rank: int, world_size: int, cache: str) -> dict:
     }
 
 
-def test_ddp_step_equals_single_process(smoke_cache: str) -> None:
-    one = _one_step(0, 1, smoke_cache)
-    two = run_distributed(_one_step, 2, smoke_cache)
+@pytest.mark.parametrize("world,ids", [(2, 8), (3, 6), (4, 8)])
+def test_ddp_step_equals_single_process(smoke_cache: str, world: int, ids: int) -> None:
+    """The whole PAT step (bank, CSL, PSD, triplet, BN over the global batch, stochastic depth) at W ranks
+    equals one process on the global batch; the bank's 32·K rows do not split evenly over 3 ranks."""
+    one = _one_step(0, 1, smoke_cache, ids)
+    two = run_distributed(_one_step, world, smoke_cache, ids)
     assert torch.equal(one["index"], two[0]["index"])  # the same global batch
     assert two[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)
     for name, p in one["params"].items():
         torch.testing.assert_close(two[0]["params"][name], p, atol=1e-5, rtol=1e-4, msg=name)
-        torch.testing.assert_close(two[1]["params"][name], two[0]["params"][name], atol=0, rtol=0)
+        for other in two[1:]:
+            torch.testing.assert_close(other["params"][name], two[0]["params"][name], atol=0, rtol=0)
     torch.testing.assert_close(two[0]["bank"], one["bank"], atol=1e-5, rtol=1e-5)
 
 

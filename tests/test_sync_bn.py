@@ -135,8 +135,10 @@ def _tmgf_body(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tens
     from trainer.config import compose
     from trainer.engine.strategy import DDPStrategy
     from trainer.methods.tmgf import TMGFMethod
+    from trainer.models.stochastic import sample_seeds
 
-    cfg = compose(["exp=tmgf_smoke", f"run_dir={run_dir}", "model.drop_path_rate=0.0"])  # no RNG in the forward
+    cfg = compose(["exp=tmgf_smoke", f"run_dir={run_dir}"])  # drop-path 0.1 on: seeded per sample
+    assert cfg.model.drop_path_rate > 0
     method = TMGFMethod(cfg)
     torch.manual_seed(cfg.train.seed)
     model = method.build_model()
@@ -145,27 +147,29 @@ def _tmgf_body(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tens
     strategy = DDPStrategy(torch.device("cpu"), "fp32", sync_bn=True)
     wrapped, _ = strategy.setup(model, [{"params": list(model.parameters())}], cfg.train.optim)
     wrapped.train()
-    feats = wrapped(batch["img"], batch["camid"])
+    with sample_seeds(batch["seed"]):  # as the engine scopes a step
+        feats = wrapped(batch["img"], batch["camid"])
     feats.sum().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None and "neck" in k}
     return {"feats": feats.detach(), "grads": grads,
             "running": torch.stack([n.running_mean for n in model.necks]).clone()}
 
 
-def test_tmgf_forward_and_necks_under_sync_bn_match_world1(tmp_path) -> None:
+@pytest.mark.parametrize("world", [2, 4])
+def test_tmgf_forward_and_necks_under_sync_bn_match_world1(tmp_path, world: int) -> None:
     from trainer.config import compose
     from trainer.data.prepare import ensure_datasets
 
     ensure_datasets(compose(["exp=tmgf_smoke"]).data)  # once, before the ranks (as trainer.train's run does)
     single = run_distributed(_tmgf_body, 1, str(tmp_path / "w1"))[0]
-    pair = run_distributed(_tmgf_body, 2, str(tmp_path / "w2"))
-    feats = torch.cat([r["feats"] for r in pair])
+    ranks = run_distributed(_tmgf_body, world, str(tmp_path / f"w{world}"))
+    feats = torch.cat([r["feats"] for r in ranks])
     torch.testing.assert_close(feats, single["feats"], atol=1e-5, rtol=1e-4)
-    for r in pair:
+    for r in ranks:
         torch.testing.assert_close(r["running"], single["running"], atol=1e-6, rtol=1e-5)
-        # DDP averages per-rank gradients of per-rank sums: world-2 gradient = world-1 gradient / 2
+        # DDP averages per-rank gradients of per-rank sums: world-W gradient = world-1 gradient / W
         for k, g in single["grads"].items():
-            torch.testing.assert_close(r["grads"][k] * 2, g, atol=1e-4, rtol=1e-4, msg=k)
+            torch.testing.assert_close(r["grads"][k] * world, g, atol=1e-4, rtol=1e-4, msg=k)
 
 
 def test_cuda_runs_get_torch_syncbatchnorm() -> None:

@@ -49,6 +49,10 @@ SCHEDULES = ("cosine", "multistep", "paper")
 """``train.optim.schedule`` choices (``trainer.engine.optim.EpochLR``)."""
 
 
+LR_SCALINGS = ("none", "linear", "sqrt")
+"""``train.optim.lr_scaling`` choices: how the LR follows a global batch larger than the experiment's."""
+
+
 @dataclass
 class OptimConfig:
     """Optimizer and per-epoch LR schedule."""
@@ -64,6 +68,9 @@ class OptimConfig:
     """Applied to every trainable tensor, biases and norms included, as the official code does."""
     bias_lr_factor: float = 2.0
     """LR multiplier for bias parameters (PAT: 2, TMGF: 1)."""
+    lr_scaling: str = "none"
+    """How ``lr`` follows the global batch when it differs from the experiment's (``data.batch_scope=
+    per_rank`` on W ranks: W times P×K): ``none``, ``linear`` (× global / reference batch) or ``sqrt``."""
     schedule: str = "cosine"
     """``cosine`` (timm CosineLRScheduler, the PAT code), ``multistep`` (warm-up multi-step, TMGF/O2CAP) or
     ``paper`` (PAT §4.2: linear from 0 to ``lr`` over ``warmup_epochs``, then a decay over ``decay_epochs``;
@@ -89,6 +96,7 @@ class OptimConfig:
         # recipe with train.epochs=N alone must stay possible.
         m = list(self.milestones)
         return [
+            ("lr_scaling", self.lr_scaling in LR_SCALINGS, f"one of {LR_SCALINGS}"),
             ("name", self.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
             ("lr", self.lr > 0, "> 0"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
@@ -288,6 +296,8 @@ RENAMED_KEYS = {f"data.{k}": f"data.transform.{k}" for k in ("flip_p", "pad", "l
 """Keys that moved (old -> new, same meaning). An old key is refused in one line naming the new one, on the
 command line and in a config file alike."""
 
+BATCH_SCOPES = ("global", "per_rank")
+"""``data.batch_scope`` choices: whose batch P×K is (see :class:`DataConfig`)."""
 DATA_STORES = ("memory", "wids")
 """``data.store`` choices (opened by ``trainer.methods.common.open_store``)."""
 
@@ -310,6 +320,11 @@ class DataConfig:
     """P: identities per GLOBAL batch (split over ranks, whole identities per rank)."""
     images_per_id: int = 4
     """K: images per identity in a batch."""
+    batch_scope: str = "global"
+    """``global``: P×K is the batch of one optimizer step over all ranks, whatever their number (the
+    papers' batch; results independent of the world size; P must split over the ranks). ``per_rank``:
+    P×K is each rank's batch, the step's is W·P×K (scales to any number of ranks; the LR follows
+    ``train.optim.lr_scaling``). TMGF's P×K are ``tmgf.proxies_per_batch`` × ``tmgf.images_per_proxy``."""
     num_workers: int = 4
     """DataLoader workers per rank (decoding and augmentation run there)."""
     store: str = "memory"
@@ -328,6 +343,7 @@ class DataConfig:
             ("images_per_id", self.images_per_id > 0, "> 0"),
             ("num_workers", self.num_workers >= 0, ">= 0 (0: load in the training process)"),
             ("store", self.store in DATA_STORES, f"one of {DATA_STORES}"),
+            ("batch_scope", self.batch_scope in BATCH_SCOPES, f"one of {BATCH_SCOPES}"),
             ("cache_dir", bool(self.cache_dir), "the folder for synthetic datasets"),
         ]
 
@@ -711,6 +727,43 @@ the models each can train: PAT needs a classifier model (``num_classes``), TMGF 
 features of ``model(img, camid)``."""
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a run does per optimizer step on a given number of ranks (:meth:`Config.batch_plan`)."""
+
+    world_size: int
+    scope: str
+    """``data.batch_scope``."""
+    ids_key: str
+    """The config key of P (``data.ids_per_batch`` or ``tmgf.proxies_per_batch``)."""
+    images_key: str
+    """The config key of K."""
+    ids: int
+    """Identities (proxies) per step over all ranks: what the sampler draws."""
+    ids_per_rank: int
+    images_per_id: int
+    reference: int
+    """The experiment's batch in images (P×K as configured): what its LR was set for."""
+    lr_scaling: str
+    lr_factor: float
+    lr: float
+    """``train.optim.lr`` × ``lr_factor``: the base LR the run uses."""
+
+    @property
+    def images(self) -> int:
+        """Images per step over all ranks."""
+        return self.ids * self.images_per_id
+
+    @property
+    def images_per_rank(self) -> int:
+        return self.ids_per_rank * self.images_per_id
+
+    def describe(self) -> str:
+        return (f"batch: {self.ids_per_rank} x {self.images_per_id} = {self.images_per_rank} images per rank, "
+                f"{self.world_size} ranks, {self.images} per step (data.batch_scope={self.scope}); "
+                f"lr {self.lr:.4g} (train.optim.lr x {self.lr_factor:.4g}, lr_scaling={self.lr_scaling})")
+
+
 @dataclass
 class Config:
     """One run. ``python -m trainer.train exp=NAME key=value …`` composes it from ``configs/``."""
@@ -728,11 +781,28 @@ class Config:
     pat: PATConfig = field(default_factory=PATConfig)
     tmgf: TMGFConfig = field(default_factory=TMGFConfig)
 
-    def global_batch(self) -> int:
-        """Images per optimizer step over all ranks: P x K of the method's sampler."""
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        """The batches and the LR of this run on ``world_size`` ranks; a combination that cannot run is a
+        :class:`ConfigError` naming both fixes."""
         if self.method == "tmgf":
-            return self.tmgf.proxies_per_batch * self.tmgf.images_per_proxy
-        return self.data.ids_per_batch * self.data.images_per_id
+            p_key, k_key, P, K = "tmgf.proxies_per_batch", "tmgf.images_per_proxy", self.tmgf.proxies_per_batch, \
+                self.tmgf.images_per_proxy
+        else:
+            p_key, k_key, P, K = "data.ids_per_batch", "data.images_per_id", self.data.ids_per_batch, \
+                self.data.images_per_id
+        W = int(world_size)
+        if self.data.batch_scope == "global" and P % W:
+            raise ConfigError(f"{p_key}={P} identities per step do not split over {W} ranks (data.batch_scope=global "
+                              f"gives every rank whole identities of one global batch); use data.batch_scope=per_rank "
+                              f"({P} identities per rank, {P * W} per step, with train.optim.lr_scaling=linear or "
+                              f"sqrt), or a number of ranks that divides {P}")
+        ids = P if self.data.batch_scope == "global" else P * W
+        ratio = ids / P  # global batch / the experiment's
+        o = self.train.optim
+        factor = {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[o.lr_scaling]
+        return BatchPlan(world_size=W, scope=self.data.batch_scope, ids_key=p_key, images_key=k_key, ids=ids,
+                         ids_per_rank=ids // W, images_per_id=K, reference=P * K, lr_scaling=o.lr_scaling,
+                         lr_factor=factor, lr=o.lr * factor)
 
     def _checks(self) -> list[Check]:
         methods, paired = tuple(METHOD_MODELS), METHOD_MODELS.get(self.method)

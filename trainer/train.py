@@ -24,7 +24,7 @@ from pathlib import Path
 from shards.atomic import atomic_write_bytes
 from shards.errors import USAGE_EXIT, UserError, run_cli
 from trainer import dist
-from trainer.config import RESUME_MODES, TIMM_PREFIX, Config, ConfigError, compose, to_yaml
+from trainer.config import RESUME_MODES, TIMM_PREFIX, BatchPlan, Config, ConfigError, compose, to_yaml
 from trainer.engine.loop import STATE_KEYS, Engine, FitResult, agreed
 from trainer.engine.stop import StopFlag
 from trainer.methods import build_method
@@ -188,6 +188,7 @@ def run(cfg: Config, stop_flag: StopFlag | None = None) -> FitResult:
 
     def checks() -> None:
         preflight(cfg)
+        cfg.batch_plan(dist.get_world_size())  # P that does not split over the ranks: one line, every rank
         check_datasets(cfg.data)  # a real dataset not packed: refused before anything is written
 
     run_dir = Path(cfg.run_dir)
@@ -195,8 +196,21 @@ def run(cfg: Config, stop_flag: StopFlag | None = None) -> FitResult:
     if dist.is_main():
         write_run_config(cfg)
     ensure_datasets(cfg.data)  # one writer per node makes the synthetic ones, then a barrier
+    plan = cfg.batch_plan(dist.get_world_size())  # the checks above refused a plan that cannot run
+    cfg = scaled_lr(cfg, plan)
     method = build_method(cfg)
-    return Engine(method, cfg.train, cfg.eval, run_dir, stop_flag=stop_flag, global_batch=cfg.global_batch()).fit()
+    engine = Engine(method, cfg.train, cfg.eval, run_dir, stop_flag=stop_flag, global_batch=plan.images)
+    engine.metrics.log("batch", **dataclasses.asdict(plan), images=plan.images, images_per_rank=plan.images_per_rank)
+    return engine.fit()
+
+
+def scaled_lr(cfg: Config, plan: BatchPlan) -> Config:
+    """``cfg`` with ``train.optim.lr`` as the batch plan scales it (the saved config.yaml keeps the
+    experiment's own LR: the scaled one follows from it and the world size)."""
+    if plan.lr == cfg.train.optim.lr:
+        return cfg
+    optim = dataclasses.replace(cfg.train.optim, lr=plan.lr)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optim=optim))
 
 
 def _train(args: list[str]) -> int:

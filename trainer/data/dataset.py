@@ -106,6 +106,8 @@ class ReIDDataset(Dataset):
             "camid": int(self.store.camid[i]),
             "domain": int(self.store.domain[i]),
             "index": int(self.store.index[i]),
+            # the sample's seed (63 bits: a non-negative int64) also seeds its stochastic depth
+            **({"seed": seed & ((1 << 63) - 1)} if seed is not None else {}),
         }
 
 

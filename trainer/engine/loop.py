@@ -30,6 +30,7 @@ from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
 from trainer.engine.optim import EpochLR, param_groups
 from trainer.engine.stop import StopFlag
 from trainer.engine.strategy import build_strategy, json_bytes, resolve_precision
+from trainer.models.stochastic import sample_seeds
 
 if TYPE_CHECKING:
     from trainer.engine.prometheus import PrometheusSink
@@ -262,7 +263,8 @@ class Engine:
             batches = _positioned(self.method.train_batches(epoch, step_in_epoch), epoch, step_in_epoch)
             for batch in batches:
                 batch = _to_device(batch, self.device)
-                with self.strategy.autocast():
+                # per-sample seeds scope the forward's stochastic depth (world-size invariant masks)
+                with self.strategy.autocast(), sample_seeds(batch.get("seed")):
                     result = self.method.training_step(wrapped, batch)
                 self.strategy.backward_and_step(result.loss)
                 self.method.after_optimizer_step(model, batch, result)

@@ -34,6 +34,7 @@ from trainer.memory.bank import PartMemoryBank
 from trainer.memory.batch import GlobalBatch, gather_batch
 from trainer.methods.common import evaluate_targets, open_store, open_targets, transforms
 from trainer.models import PartAwareTransformer, ViTBaseline, build_model
+from trainer.models.stochastic import sample_seeds
 
 
 class PATMethod(Method):
@@ -44,8 +45,8 @@ class PATMethod(Method):
         self.targets = open_targets(cfg)
         self.train_tf = transforms(cfg, train=True)
         self.test_tf = transforms(cfg, train=False)
-        d = cfg.data
-        self.loader = build_train_loader(self.train_store, self.train_tf, d.ids_per_batch, d.images_per_id,
+        d, plan = cfg.data, cfg.batch_plan(dist.get_world_size())  # P over all ranks: data.batch_scope
+        self.loader = build_train_loader(self.train_store, self.train_tf, plan.ids, plan.images_per_id,
                                          seed=cfg.train.seed, num_workers=d.num_workers)
         self.bank: PartMemoryBank | None = None
 
@@ -79,9 +80,10 @@ class PATMethod(Method):
         bank = self.bank
         assert bank is not None  # uses_bank: built with the model
         # Fill the bank with one pass over the whole training set (train transform, train mode, no
-        # grad), as the official init does. One region draw serves the whole pass (the official code
-        # draws per batch): the bank then does not depend on how the pass is split over ranks. The
-        # region generator is restored afterwards so training draws the same regions as without it.
+        # grad), as the official init does, stochastic depth seeded per sample. One region draw serves
+        # the whole pass (the official code draws per batch): the bank then does not depend on how the
+        # pass is split over ranks. The region generator is restored afterwards so training draws the
+        # same regions as without it.
         regions = pat.regions.get_extra_state()
         pat.train()
         device = dist.info().device
@@ -89,7 +91,8 @@ class PATMethod(Method):
         loader = build_inference_loader(self.train_store, self.train_tf, self.cfg.eval.batch_size,
                                         self.cfg.data.num_workers, seed=self.cfg.train.seed)
         for batch in loader:
-            tokens = pat.forward_tokens(batch["img"].to(device), mask)
+            with sample_seeds(batch["seed"].to(device)):  # stochastic depth per sample, as in a step
+                tokens = pat.forward_tokens(batch["img"].to(device), mask)
             parts = tokens[:, 1 : 1 + pat.num_parts].float()
             bank.update(batch["index"].to(device), parts)
         # bank writes are collective: ranks with fewer batches join the remaining ones empty-handed

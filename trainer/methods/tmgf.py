@@ -267,10 +267,12 @@ class TMGFMethod(Method):
         t1 = time.time()
         labels = self.cluster(feats)
         proxies = make_camera_proxies(labels, self.train_store.camid, num_cams=self.train_store.num_cams)
-        if proxies.num_proxies < self.t.proxies_per_batch:
+        need = self.cfg.batch_plan(dist.get_world_size()).ids  # proxies per step over all ranks
+        if proxies.num_proxies < need:
             raise RuntimeError(f"TMGF epoch {epoch}: clustering left {proxies.num_proxies} proxies "
                                f"({int((labels < 0).sum())} of {labels.size} images are outliers), fewer than "
-                               f"tmgf.proxies_per_batch={self.t.proxies_per_batch}: tune tmgf.eps (lower splits merged "
+                               f"the {need} a step draws (tmgf.proxies_per_batch={self.t.proxies_per_batch}, "
+                               f"data.batch_scope={self.cfg.data.batch_scope}): tune tmgf.eps (lower splits merged "
                                "clusters, higher admits outliers) and tmgf.min_samples")
         centers = proxy_centers(feats.transpose(0, 1), proxies.proxy_labels, proxies.num_proxies)
         assert self.memory is not None, "build_model() creates the memory"
@@ -291,8 +293,9 @@ class TMGFMethod(Method):
         self.proxy_of = torch.as_tensor(proxies.proxy_labels, dtype=torch.long, device=self.device)
         self.epoch_of_labels = int(epoch)
         if self.loader is None:
+            plan = self.cfg.batch_plan(dist.get_world_size())
             self.loader = build_train_loader(
-                self.train_store, self.train_tf, self.t.proxies_per_batch, self.t.images_per_proxy,
+                self.train_store, self.train_tf, plan.ids, plan.images_per_id,
                 seed=self.cfg.train.seed, num_workers=self.cfg.data.num_workers,
                 steps_per_epoch=self.t.iters_per_epoch, pids=proxies.proxy_labels, policy="class_uniform")
         else:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from trainer.models.stochastic import seed_drop_paths
+
 BackboneBuilder = Callable[..., VisionTransformer]
 _BACKBONES: dict[str, BackboneBuilder] = {}
 
@@ -93,7 +95,8 @@ def build_vit(
     """Build backbone ``arch`` for ``img_size`` (H, W) with ``reg_tokens`` extra tokens after cls.
 
     ``kwargs`` go to timm's ``VisionTransformer`` (e.g. ``embed_layer`` for a conv stem). Stochastic
-    depth grows linearly from 0 to ``drop_path_rate`` over the blocks (timm's rule, PAT's too).
+    depth grows linearly from 0 to ``drop_path_rate`` over the blocks (timm's rule, PAT's too); its
+    masks are drawn per sample (:mod:`trainer.models.stochastic`).
     """
     if arch not in _BACKBONES:
         raise ValueError(f"unknown backbone {arch!r}; expected one of {available_backbones()}")
@@ -104,6 +107,7 @@ def build_vit(
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None or vit.no_embed_class:
         raise ValueError(f"backbone {arch!r} must be a timm VisionTransformer with a class token and "
                          "a position row for it (no_embed_class=False)")
+    seed_drop_paths(vit)  # masks per sample, not per rank (trainer/models/stochastic.py)
     return vit
 
 
