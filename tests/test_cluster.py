@@ -135,6 +135,36 @@ def test_knn_exact_with_ties(backend):
     np.testing.assert_array_equal(exact_knn(x, 15, rows=(33, 101), backend=backend), want[33:101])
 
 
+def test_auto_backend_is_faiss_gpu_only_where_faiss_sees_a_gpu(monkeypatch):
+    import trainer.cluster.knn as knn
+
+    chosen = []
+    real = knn._approx_faiss
+    monkeypatch.setattr(knn, "_approx_faiss", lambda *a: chosen.append("faiss") or real(*a[:-1], False))
+    x = snap_features(np.random.default_rng(3).standard_normal((60, 8)))
+    for gpu in (False, True):  # faiss-gpu is emulated by the CPU index here: the choice is what is tested
+        monkeypatch.setattr(knn, "faiss_has_gpu", lambda gpu=gpu: gpu)
+        chosen.clear()
+        np.testing.assert_array_equal(exact_knn(x, 5, backend="auto"), _brute_knn(x, 5))
+        assert chosen == (["faiss"] if gpu else [])
+
+
+@pytest.mark.cuda
+def test_faiss_gpu_knn_is_exact_on_this_ranks_device():
+    import faiss
+    import torch
+
+    from trainer.cluster.knn import faiss_has_gpu
+
+    if not faiss_has_gpu():
+        pytest.skip("faiss here is the CPU build (install faiss-gpu-cu12 for this test)")
+    torch.cuda.set_device(torch.cuda.device_count() - 1)  # not GPU 0: the index must follow the rank's device
+    rng = np.random.default_rng(0)
+    x = snap_features(rng.standard_normal((3000, 64)))
+    np.testing.assert_array_equal(exact_knn(x, 20, backend="faiss"), exact_knn(x, 20, backend="torch"))
+    assert faiss.get_num_gpus() >= 1
+
+
 def test_knn_overflow_path_is_exact():
     # points on a lattice: huge groups of exactly equal distances overflow any candidate budget
     g = np.stack(np.meshgrid(np.arange(6), np.arange(6), np.arange(6)), -1).reshape(-1, 3).astype(np.float32)

@@ -286,21 +286,34 @@ def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
         torch.set_float32_matmul_precision(prev)
 
 
-def _approx_faiss(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate keys from a faiss flat L2 index (GPU when faiss has one), ``|x_i|^2`` removed."""
+def _approx_faiss(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
+                  gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate keys from a faiss flat L2 index (on this rank's GPU with ``gpu``), ``|x_i|^2`` removed."""
     import faiss
 
     d = x32.shape[1]
     index: faiss.Index
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+    if gpu:
         res = faiss.StandardGpuResources()
-        index = faiss.GpuIndexFlatL2(res, d)
+        config = faiss.GpuIndexFlatConfig()
+        # the rank's own device: faiss's default is GPU 0, where every rank of a node would pile up
+        config.device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        index = faiss.GpuIndexFlatL2(res, d, config)
     else:
         index = faiss.IndexFlatL2(d)
     index.add(x32)
     dist, ids = index.search(np.ascontiguousarray(x32[q0:q1]), kk)
     keys = dist.astype(np.float64) - norms[q0:q1, None]
     return keys, ids.astype(np.int64)
+
+
+def faiss_has_gpu() -> bool:
+    """Whether the installed faiss is the GPU build and sees a GPU (faiss-cpu: never)."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None, backend: Backend = "auto",
@@ -321,8 +334,9 @@ def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None,
     norms = exact_norms(x32)
     nrm = np.sqrt(norms)
     kk = min(n, k + max(1, extra))
-    if backend == "auto":
-        backend = "torch"
+    gpu = faiss_has_gpu()
+    if backend == "auto":  # faiss-gpu where faiss sees a GPU; else the torch GEMM (faster than faiss-cpu here)
+        backend = "faiss" if gpu else "torch"
     if backend == "torch":
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device) if device is not None else torch.device(auto)
@@ -332,7 +346,7 @@ def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None,
         # spread; all doubled by the key's factor 2
         delta = 2 * (_gamma(d) * nrm[q0:q1] * nrm.max() + 2 * _U32 * (norms.max() + nrm[q0:q1] * nrm.max()) + spread)
     elif backend == "faiss":
-        keys, ids = _approx_faiss(x32, norms, q0, q1, kk)
+        keys, ids = _approx_faiss(x32, norms, q0, q1, kk, gpu)
         # faiss may compute |x - y|^2 directly or as norms - 2 dot: bound both generously
         delta = 4 * _gamma(d + 2) * (nrm[q0:q1] + nrm.max()) ** 2 + 8 * _U32 * (norms[q0:q1] + norms.max())
     else:
