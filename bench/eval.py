@@ -1,12 +1,13 @@
-"""Benchmark: blocked exact ranking (``evaluate_features``) vs the usual dense per-query loop.
+"""Benchmark: blocked exact ranking (``evaluate_features``) vs torchreid's evaluation as its users run it.
 
-Baseline (what fast-reid / TransReID-style evaluators do): compute the whole ``q × g`` float32
-distance matrix at once, then for every query ``argsort`` its row, drop same-pid-same-camera items,
-cumsum the hits. It uses a *stable* argsort (``--baseline-sort stable``, the default) so that its tie
-rule is ours and the numbers can be compared for equality; ``quicksort`` is numpy's default (faster,
-but its tie order is unspecified, so its numbers may differ in the last digits on exact ties). Its
-distance matrix is built by ``pairwise_distance`` with the same blocks as ours, so both rank the
-very same float32 values; the cost of building it is the same matmul either way.
+Baseline, :func:`torchreid_market1501`: a restatement of torchreid's ``metrics.rank.eval_market1501``
+(the pure-numpy evaluator): the whole ``q × g`` float32 distance matrix, ``np.argsort`` of all of it
+at once (numpy's default quicksort: the order of equal distances is unspecified), the ``q × g`` match
+matrix, then per query: drop the gallery items with the query's pid and camera, CMC from the cumulated
+matches, AP as the mean precision at each match. Its matrix is built by ``pairwise_distance`` with
+our blocks, so both sides rank the very same float32 values; the two can disagree only where a true
+match and another kept gallery item have *equal* distances (we break such ties by gallery index,
+argsort by its own unspecified rule). Each query whose AP differs is checked for such a tie.
 
 Every variant runs in a fresh subprocess on identical synthetic data (identity centroid + camera
 bias + noise, with distractor identities in the gallery), and reports wall time and the increase of
@@ -28,18 +29,21 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-from bench.cli import Parser, positive_int, run_cli  # noqa: E402
+from bench.cli import Parser, positive_int, run_cli
 
 SIZES = {  # name: (queries, gallery, identities, cameras)
     "quick": (600, 3000, 150, 6),
     "market": (3368, 15913, 750, 6),
     "msmt": (11659, 82161, 3060, 15),
 }
+# Per-query AP of the two sides may differ by float64 summation order (~m·1e-16 for m matches) without
+# a tie; a tie that moves one of m matches by one place moves AP by >= 1/(m·g²) (5e-12 at m = 30, MSMT17's g).
+AP_TOL = 1e-13
+THRASH_FAULTS = 1000  # major page faults in a timed part beyond which its time is not trusted
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Case:
     max_rank: int
 
 
-def make_data(case: Case):
+def make_data(case: Case) -> tuple[Any, ...]:
     """Clustered features generated in chunks (no large temporaries), plus ids."""
     import torch
 
@@ -83,25 +87,54 @@ def make_data(case: Case):
     return feats(q_pids, q_cams), feats(g_pids, g_cams), q_pids, g_pids, q_cams, g_cams
 
 
-def baseline_loop(distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids, max_rank: int, kind: str) -> dict:
-    """The common per-query evaluator over a dense matrix (argsort, filter, cumsum)."""
-    aps, inps, cmcs = [], [], []
-    for i in range(distmat.shape[0]):
-        order = np.argsort(distmat[i], kind=kind)
-        gp, gc = g_pids[order], g_camids[order]
-        keep = ~((gp == q_pids[i]) & (gc == q_camids[i]))
-        hits = (gp[keep] == q_pids[i]).astype(np.int32)
-        if not hits.any():
-            continue
-        cum = hits.cumsum()
-        last = np.flatnonzero(hits)[-1]
-        inps.append(cum[last] / (last + 1.0))
-        cmc = np.minimum(cum, 1)
-        cmcs.append(cmc[:max_rank])
-        prec = cum / (np.arange(hits.size) + 1.0) * hits
-        aps.append(prec.sum() / hits.sum())
-    cmc = np.asarray(cmcs, dtype=np.float64).sum(0) / len(cmcs)
-    return {"mAP": float(np.mean(aps)), "mINP": float(np.mean(inps)), "cmc": cmc, "num_valid_queries": len(aps)}
+def torchreid_market1501(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+                         g_camids: np.ndarray, max_rank: int,
+                         laps: dict[str, float] | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+    """torchreid's ``eval_market1501`` (its numpy path), restated: ``(cmc, mAP, AP per query)``.
+
+    The same arrays, dtypes and order of operations: one ``argsort`` of the whole matrix, the int32
+    ``q × g`` match matrix, float32 CMC rows summed and divided by the number of valid queries. The
+    one liberty: the precision list torchreid builds with a Python comprehension is one numpy
+    division here (the same float64 values, faster), so the baseline is if anything flattered.
+    The AP array (NaN for skipped queries) and ``laps`` (seconds of the argsort, the match matrix and
+    the loop) are bookkeeping for the comparison, not part of torchreid.
+    """
+    t0 = time.perf_counter()
+    num_q, num_g = distmat.shape
+    max_rank = min(max_rank, num_g)
+    indices = np.argsort(distmat, axis=1)
+    t1 = time.perf_counter()
+    matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
+    t2 = time.perf_counter()
+    all_cmc, all_ap = [], []
+    ap_per_query = np.full(num_q, np.nan)
+    for q in range(num_q):
+        order = indices[q]
+        keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q]))
+        raw_cmc = matches[q][keep]
+        if not np.any(raw_cmc):
+            continue  # no true match in another camera: the query does not count
+        cmc = raw_cmc.cumsum()
+        cmc[cmc > 1] = 1
+        all_cmc.append(cmc[:max_rank])
+        cum = raw_cmc.cumsum()
+        precision = cum / (np.arange(cum.size) + 1.0) * raw_cmc
+        ap = precision.sum() / raw_cmc.sum()
+        all_ap.append(ap)
+        ap_per_query[q] = ap
+    if not all_ap:
+        raise ValueError("no query has a true match in the gallery")
+    cmc_curve = np.asarray(all_cmc).astype(np.float32).sum(0) / len(all_ap)
+    if laps is not None:
+        laps.update(argsort=t1 - t0, matches=t2 - t1, loop=time.perf_counter() - t2)
+    return cmc_curve, float(np.mean(all_ap)), ap_per_query
+
+
+def tie_at_a_match(dist_row: np.ndarray, g_pids: np.ndarray, g_camids: np.ndarray, q_pid: int, q_camid: int) -> bool:
+    """Does a true match share its exact distance with another kept gallery item of this query?"""
+    same = g_pids == q_pid
+    kept = ~(same & (g_camids == q_camid))
+    return bool(np.isin(dist_row[same & kept], dist_row[kept & ~same]).any())
 
 
 def _status_mb(field: str) -> float | None:
@@ -139,7 +172,16 @@ def _peak_mb() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child(variant: str, case: Case, device: str, block_size: int | None, sort_kind: str) -> dict:
+def _volunteer_for_oom() -> None:
+    """On a shared machine a baseline near the RAM limit should be the process the kernel ends."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
+def child(variant: str, case: Case, device: str, block_size: int | None) -> dict:
     import gc
 
     import torch
@@ -151,10 +193,13 @@ def child(variant: str, case: Case, device: str, block_size: int | None, sort_ki
     if variant == "ours":
         evaluate_features(qf[:32], gf[:256], qp[:32], gp[:256], qc[:32], gcam[:256], device=device)
     else:
+        _volunteer_for_oom()
         pairwise_distance(qf[:32], gf[:256], device=device)
     gc.collect()
     rss0 = _reset_peak()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     t0 = time.perf_counter()
+    out: dict[str, Any] = {"variant": variant}
     if variant == "ours":
         res = evaluate_features(qf, gf, qp, gp, qc, gcam, case.max_rank, block_size=block_size, device=device)
         if device.startswith("cuda"):
@@ -163,26 +208,39 @@ def child(variant: str, case: Case, device: str, block_size: int | None, sort_ki
         peak = _peak_mb() - rss0
         # Untimed above: the distance blocks alone (same blocks), to split matmul from ranking time.
         dist_seconds = _distance_only_seconds(qf, gf, block_size, device)
-        check = None
+        out.update(mAP=res["mAP"], cmc=np.asarray(res["cmc"]).tolist(), mINP=res["mINP"])
     else:
         distmat = pairwise_distance(qf, gf, block_size=block_size, device=device).cpu().numpy()
         dist_seconds = time.perf_counter() - t0
-        res = baseline_loop(distmat, qp.numpy(), gp.numpy(), qc.numpy(), gcam.numpy(), case.max_rank, sort_kind)
+        pids = [t.numpy().astype(np.int64) for t in (qp, gp, qc, gcam)]  # torchreid's ids: int64 numpy
+        laps: dict[str, float] = {}
+        cmc, m_ap, ap_q = torchreid_market1501(distmat, pids[0], pids[1], pids[2], pids[3], case.max_rank, laps)
         seconds = time.perf_counter() - t0
         peak = _peak_mb() - rss0
-        # Untimed: our evaluate on the baseline's own dense matrix agrees with its loop.
-        ref = evaluate(distmat, qp, gp, qc, gcam, case.max_rank)
-        loop_cmc = np.pad(res["cmc"], (0, case.max_rank - res["cmc"].size), mode="edge")  # gallery < max_rank
-        check = max(abs(ref["mAP"] - res["mAP"]), abs(ref["mINP"] - res["mINP"]),
-                    float(np.abs(ref["cmc"] - loop_cmc).max()))
-    cmc = np.asarray(res["cmc"])
-    return {"variant": variant, "seconds": seconds, "distance_seconds": dist_seconds,
-            "ranking_seconds": seconds - dist_seconds, "peak_rss_increase_mb": peak, "mAP": res["mAP"],
-            "mINP": res["mINP"], "cmc": cmc.tolist(), "num_valid_queries": res["num_valid_queries"],
-            "evaluate_vs_loop_maxdiff": check, "torch_threads": torch.get_num_threads()}
+        out.update(mAP=m_ap, cmc=cmc.tolist(), laps=laps,
+                   **_compare_on_matrix(distmat, pids, ap_q, case.max_rank, evaluate))
+    # Page faults that read from disk: a run near the RAM limit of a shared machine thrashes (its
+    # libraries' code pages are evicted and read back), and its time then measures the disk, not the code.
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults0
+    return {**out, "seconds": seconds, "distance_seconds": dist_seconds, "ranking_seconds": seconds - dist_seconds,
+            "peak_rss_increase_mb": peak, "torch_threads": torch.get_num_threads(), "major_faults": faults}
 
 
-def _distance_only_seconds(qf, gf, block_size: int | None, device: str) -> float:
+def _compare_on_matrix(distmat: np.ndarray, pids: list[np.ndarray], ap_q: np.ndarray, max_rank: int,
+                       evaluate: Any) -> dict:
+    """Untimed: our ``evaluate`` on the baseline's own matrix, query by query, with each difference explained."""
+    q_pids, g_pids, q_camids, g_camids = pids
+    ref = evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, return_per_query=True)
+    skipped_alike = bool(np.array_equal(np.isnan(ref["AP"]), np.isnan(ap_q)))
+    diff = np.abs(np.nan_to_num(ref["AP"]) - np.nan_to_num(ap_q))
+    differ = np.flatnonzero(diff > AP_TOL)
+    tied = [q for q in differ if tie_at_a_match(distmat[q], g_pids, g_camids, int(q_pids[q]), int(q_camids[q]))]
+    return {"ours_on_matrix_mAP": ref["mAP"], "ours_on_matrix_cmc": np.asarray(ref["cmc"]).tolist(),
+            "skipped_alike": skipped_alike, "queries_ap_differ": int(differ.size),
+            "queries_ap_differ_with_tie": len(tied), "max_query_ap_diff": float(diff.max(initial=0.0))}
+
+
+def _distance_only_seconds(qf: Any, gf: Any, block_size: int | None, device: str) -> float:
     """Time of the distance blocks of ``evaluate_features`` alone (computed and dropped)."""
     import torch
 
@@ -201,14 +259,49 @@ def _distance_only_seconds(qf, gf, block_size: int | None, device: str) -> float
 
 def run_child(variant: str, case: Case, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--case", json.dumps(asdict(case)),
-           "--device", args.device, "--baseline-sort", args.baseline_sort]
+           "--device", args.device]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{variant} child for {case.name} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_bytes(case: Case) -> int:
+    """Peak of torchreid's evaluator: per q × g entry the float32 matrix, the int64 argsort, the int64
+    gathered pids and their bool comparison (21 bytes), plus allocator slack: 23.9 measured at MSMT17 size."""
+    return 24 * case.num_q * case.num_g
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def verdict(base: dict, ours: dict) -> tuple[bool, float, float, str]:
+    """``(identical, |ΔmAP|, max |ΔCMC|, text)``: CMC compared in torchreid's float32."""
+    d_map = abs(base["mAP"] - ours["mAP"])
+    n = len(base["cmc"])
+    d_cmc = float(np.abs(np.asarray(base["cmc"], np.float32) - np.asarray(ours["cmc"][:n], np.float32)).max())
+    # ours on the baseline's matrix must be ours on features, bit for bit (same blocks, same values)
+    same_path = base["ours_on_matrix_mAP"] == ours["mAP"] and base["ours_on_matrix_cmc"] == ours["cmc"]
+    same = d_map <= AP_TOL and d_cmc == 0.0 and base["queries_ap_differ"] == 0 and base["skipped_alike"]
+    if same:
+        text = f"identical (|ΔmAP| {d_map:.1e}: float64 summation order)" if d_map else "identical"
+    else:
+        text = (f"differ: |ΔmAP| {d_map:.1e}, max |ΔCMC| {d_cmc:.1e}, {base['queries_ap_differ']} queries' AP "
+                f"(max {base['max_query_ap_diff']:.1e}), {base['queries_ap_differ_with_tie']} of them at an exact "
+                f"distance tie")
+    if not same_path:
+        text += " [ours on the baseline's matrix != ours on features]"
+    return same, d_map, d_cmc, text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +319,6 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--max-rank", type=positive_int, default=50)
     p.add_argument("--device", default="cpu", help="device of both variants: cpu (default), cuda or cuda:N")
     p.add_argument("--block-size", type=positive_int, default=None, help="query rows per block (default: automatic)")
-    p.add_argument("--baseline-sort", default="stable", choices=["stable", "quicksort"])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -241,34 +333,44 @@ def _main(argv: list[str] | None) -> None:
             p.error(f"--device {args.device}: not a usable device here; use --device cpu (or cuda on a GPU machine)")
 
     if args.child:
-        print(json.dumps(child(args.child, Case(**json.loads(args.case)), args.device, args.block_size,
-                               args.baseline_sort)))
+        print(json.dumps(child(args.child, Case(**json.loads(args.case)), args.device, args.block_size)))
         return
 
     sizes = args.sizes or (["quick"] if args.quick else ["market", "msmt"])
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(f"# {_cpu_model()}, {os.cpu_count()} CPUs, python {platform.python_version()}, numpy {np.__version__}")
     rows = []
     for name in sizes:
         nq, ng, nid, ncam = SIZES[name]
         case = Case(name, nq, ng, nid, ncam, args.dim, args.noise, args.seed, args.max_rank)
+        need, avail = baseline_bytes(case), _available_bytes()
+        if avail is not None and need > avail:  # it would thrash (or be killed) on this machine as it is now
+            ours = run_child("ours", case, args)
+            print(f"{name}: torchreid not run: its evaluator needs ≈ {need / 2**30:.1f} GiB (24 bytes per query × "
+                  f"gallery entry), {avail / 2**30:.1f} GiB available | ours "
+                  f"{ours['seconds']:.2f}s (distances {ours['distance_seconds']:.2f}s) "
+                  f"+{ours['peak_rss_increase_mb']:.0f}MB | mAP {ours['mAP']:.4f} R1 {ours['cmc'][0]:.4f}", flush=True)
+            continue
         base = run_child("baseline", case, args)
         ours = run_child("ours", case, args)
-        same = (base["mAP"] == ours["mAP"] or abs(base["mAP"] - ours["mAP"]) <= 1e-12) and \
-            abs(base["mINP"] - ours["mINP"]) <= 1e-12 and base["num_valid_queries"] == ours["num_valid_queries"] and \
-            np.array_equal(np.asarray(base["cmc"]), np.asarray(ours["cmc"])[: len(base["cmc"])])
-        print(f"{name}: baseline {base['seconds']:.2f}s (distances {base['distance_seconds']:.2f}s) "
-              f"+{base['peak_rss_increase_mb']:.0f}MB | ours "
-              f"{ours['seconds']:.2f}s (distances {ours['distance_seconds']:.2f}s) "
-              f"+{ours['peak_rss_increase_mb']:.0f}MB | speedup {base['seconds'] / ours['seconds']:.2f}x, "
-              f"memory 1/{base['peak_rss_increase_mb'] / max(ours['peak_rss_increase_mb'], 1e-3):.1f} "
-              f"| mAP {ours['mAP']:.4f} mINP {ours['mINP']:.4f} R1 {ours['cmc'][0]:.4f} | identical: {same} "
-              f"(baseline loop vs evaluate on its matrix: max diff {base['evaluate_vs_loop_maxdiff']:.1e})")
+        same, d_map, d_cmc, text = verdict(base, ours)
+        print(f"{name}: torchreid {base['seconds']:.2f}s (distances {base['distance_seconds']:.2f}s) "
+              f"+{base['peak_rss_increase_mb']:.0f}MB | ours {ours['seconds']:.2f}s (distances "
+              f"{ours['distance_seconds']:.2f}s) +{ours['peak_rss_increase_mb']:.0f}MB | speed-up "
+              f"{base['seconds'] / ours['seconds']:.2f}x, memory "
+              f"1/{base['peak_rss_increase_mb'] / max(ours['peak_rss_increase_mb'], 1e-3):.1f} | mAP "
+              f"{ours['mAP']:.4f} R1 {ours['cmc'][0]:.4f} mINP {ours['mINP']:.4f} | {text}", flush=True)
+        print("  torchreid ranking (s): " + ", ".join(f"{k} {v:.2f}" for k, v in base["laps"].items())
+              + f"; major page faults: torchreid {base['major_faults']}, ours {ours['major_faults']}", flush=True)
+        for r in (base, ours):
+            if r["major_faults"] > THRASH_FAULTS:
+                print(f"  WARNING: the {r['variant']} run read {r['major_faults']} pages back from disk (memory "
+                      "pressure from other processes): its time is not the code's; rerun on a quieter machine")
         rows.append((name, case, base, ours, same))
 
     print()
     print("| size | q × g × d | variant | time (s) | of which distances (s) | ranking (s) | peak RSS increase (MB) "
-          "| speedup | ranking speedup | memory ratio | mAP | R1 | mINP | identical |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speed-up | ranking speed-up | memory ratio | mAP | R1 | same metrics |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, case, base, ours, same in rows:
         shape = f"{case.num_q:,} × {case.num_g:,} × {case.dim}"
         for r in (base, ours):
@@ -276,10 +378,21 @@ def _main(argv: list[str] | None) -> None:
             speed = f"{base['seconds'] / ours['seconds']:.2f}×" if is_ours else "1×"
             rspeed = (f"{base['ranking_seconds'] / max(ours['ranking_seconds'], 1e-3):.1f}×" if is_ours else "1×")
             mem = f"1/{base['peak_rss_increase_mb'] / max(ours['peak_rss_increase_mb'], 1e-3):.1f}" if is_ours else "1"
-            label = "evaluate_features" if is_ours else f"dense + per-query argsort ({args.baseline_sort})"
+            label = "evaluate_features" if is_ours else "torchreid eval_market1501 (argsort of the matrix)"
             print(f"| {name} | {shape} | {label} | {r['seconds']:.2f} | {r['distance_seconds']:.2f} | "
                   f"{r['ranking_seconds']:.2f} | {r['peak_rss_increase_mb']:.0f} | {speed} | {rspeed} | "
-                  f"{mem} | {r['mAP']:.4f} | {r['cmc'][0]:.4f} | {r['mINP']:.4f} | {'yes' if same else 'NO'} |")
+                  f"{mem} | {r['mAP']:.6f} | {r['cmc'][0]:.4f} | {'yes' if same else 'no'} |")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from trainer.losses import communication_bytes, csl_step
 from trainer.memory import PartMemoryBank
 
 N, P, D, K, SCALE = 37, 3, 8, 4, 0.1  # N odd: the two shards differ in size
-B_GLOBAL, STEPS, INIT_BATCH = 8, 3, 5  # init: 31 rows in global batches of 5 → 3+2, last 1+0
+B_GLOBAL, STEPS, INIT_BATCH = 12, 3, 5  # 12 splits over 2, 3, 4 ranks; init batches of 5: uneven shards
 
 
 def naive_write(feats, filled, indices, new, momentum):
@@ -129,10 +129,12 @@ def _run(rank: int, world: int, full_from_w1: dict | None = None) -> dict:
     return result
 
 
-def test_sharded_world2_equals_world1():
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_equals_world1(world: int):
+    """N = 37 rows: shards of 19+18, 13+12+12, 10+9+9+9 rows."""
     one = _run(0, 1)
-    two = run_distributed(_run, 2, one["full"])
-    w = 2
+    two = run_distributed(_run, world, one["full"])
+    w = world
     for s in range(STEPS):
         mean_loss = sum(r["losses"][s] for r in two) / w
         torch.testing.assert_close(mean_loss, one["losses"][s], rtol=1e-5, atol=1e-5)
@@ -146,14 +148,14 @@ def test_sharded_world2_equals_world1():
         assert torch.equal(r["full"]["filled"], one["full"]["filled"])
         assert torch.equal(r["full"]["labels"], one["full"]["labels"])
     assert int(one["full"]["filled"].sum()) < N  # rows never written stayed excluded
-    # world-size change: a world-1 consolidated bank loads into 2 shards of 19 + 18 rows
+    # world-size change: a world-1 consolidated bank loads into W uneven shards
     for rank, r in enumerate(two):
-        a, e = dist.shard_range(N, rank, 2)
+        a, e = dist.shard_range(N, rank, world)
         assert (r["resharded"]["start"], r["resharded"]["stop"]) == (a, e)
         assert torch.equal(r["resharded"]["feats"], one["full"]["feats"][:, a:e])
         assert torch.equal(r["resharded"]["filled"], one["full"]["filled"][a:e])
         assert r["shard"]["feats"].shape[1] == e - a  # memory O(N/W)
-    # and a world-2 consolidated bank loads into one process
+    # and a world-W consolidated bank loads into one process
     back = PartMemoryBank(N, P, D, device="cpu")
     back.load_full_state_dict(two[0]["full"])
     torch.testing.assert_close(back.feats, one["full"]["feats"], rtol=1e-6, atol=1e-6)

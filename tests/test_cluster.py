@@ -234,12 +234,12 @@ def _dist_body(rank, world_size, x, params):
     return jaccard_dbscan(x, distributed=True, **params)
 
 
-@pytest.mark.parametrize("n", [301, 500])
-def test_distributed_world2_equals_world1(n):
+@pytest.mark.parametrize("n,world", [(301, 2), (500, 2), (301, 3), (302, 4)])
+def test_distributed_equals_world1(n, world):
     x = camera_clusters(n, 32, n)
     params = dict(k1=20, k2=6, eps=0.5, min_samples=4)
     want = jaccard_dbscan(x, **params)
-    got = run_distributed(_dist_body, 2, x, params)
+    got = run_distributed(_dist_body, world, x, params)
     for labels in got:
         np.testing.assert_array_equal(labels, want)
     assert want.max() >= 1

@@ -199,7 +199,11 @@ def _memory_rank_body(rank: int, world_size: int, centers: torch.Tensor, batches
         for step, (feats, ids) in enumerate(batches):
             b = feats.shape[0]
             if ragged and step == len(batches) - 1:
-                lo, hi = (0, b // 4) if rank == 0 else (b // 4, b)
+                if rank == 0:
+                    lo, hi = 0, b // 4
+                else:  # the other ranks share the rest unevenly
+                    a, e = dist.shard_range(b - b // 4, rank - 1, world_size - 1)
+                    lo, hi = b // 4 + a, b // 4 + e
             else:
                 lo, hi = dist.shard_range(b, rank, world_size)
             mem.update(feats[lo:hi], ids[lo:hi])
@@ -207,7 +211,8 @@ def _memory_rank_body(rank: int, world_size: int, centers: torch.Tensor, batches
     return out
 
 
-def test_memory_world2_equals_world1() -> None:
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_memory_equals_world1(world: int) -> None:
     s, p, d = 6, 24, 16
     centers = F.normalize(torch.randn(s, p, d, generator=torch.Generator().manual_seed(4)), dim=-1)
     batches = _global_batches(steps=4, b=16, s=s, p=p, d=d)
@@ -218,7 +223,8 @@ def test_memory_world2_equals_world1() -> None:
         single.update(feats, ids)
         naive = _naive_update(naive, feats, ids, 0.2)
     torch.testing.assert_close(single.memory, naive, atol=1e-6, rtol=0)
-    ranks = run_distributed(_memory_rank_body, 2, centers, batches)
+    ranks = run_distributed(_memory_rank_body, world, centers, batches)  # 16 rows: 6+5+5 at W = 3
     for layout in range(2):
-        assert torch.equal(ranks[0][layout], ranks[1][layout])
+        for other in ranks[1:]:
+            assert torch.equal(ranks[0][layout], other[layout])
         torch.testing.assert_close(ranks[0][layout], single.memory, atol=0, rtol=0)
