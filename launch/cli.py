@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default=None, help="submitit folder (default RUN_DIR/submitit/%%j)")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything, print what would be submitted and exit (needs no SLURM here)")
-    p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
+    p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails, showing "
+                   "its progress (a bar on a terminal, else a line every --progress-every seconds) and each evaluation")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="with --wait and no terminal: seconds between two progress lines (0: no progress shown)")
     p.add_argument("overrides", nargs="*", help="config overrides: exp=NAME key=value ...")
     return p
 

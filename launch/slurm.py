@@ -55,6 +55,7 @@ from launch.executor import (
     slurm_parameters,
 )
 from launch.plan import LaunchPlan, plan
+from launch.progress import Follower, offset
 from launch.requeue import (
     LAUNCH_LOG,
     REQUEUES_FILE,
@@ -73,7 +74,7 @@ from trainer.engine.stop import StopFlag
 
 __all__ = [
     # the submission and the job
-    "JobFailed", "TrainJob", "main", "submit", "submit_and_wait", "wait", "is_comm_failure",
+    "JobFailed", "TrainJob", "main", "submit", "submit_and_wait", "wait", "progress_follower", "is_comm_failure",
     # the launcher's parts, reachable from its entry point
     "LAUNCH_LOG", "REQUEUES_FILE", "START_ALLOWANCE_S", "LaunchError", "Resources", "build_parser", "make_executor",
     "parse_mem", "parse_time", "read_requeues", "record_requeue", "reset_requeues", "resources_from_args",
@@ -241,9 +242,21 @@ def submit(launch: LaunchPlan, argv: list[str] | None = None) -> submitit.Job:
     return job
 
 
-def wait(job: submitit.Job) -> dict[str, Any]:
-    """Wait for ``job``; rank 0's result (``status``, ``step``, ``epoch``, ``rank``, ``run_dir``), or
-    :class:`JobFailed` naming the job's log."""
+def progress_follower(launch: LaunchPlan, every_s: float = 30.0) -> Follower | None:
+    """What shows a launch's progress while :func:`wait` waits (None for ``debug``: the job runs in this
+    process and prints its own lines). Made before :func:`submit`: it reads only what the job appends."""
+    if launch.cluster == "debug" or every_s <= 0:
+        return None
+    cfg = launch.cfg
+    return Follower(Path(cfg.run_dir) / "metrics.jsonl", every_s=every_s, epochs=cfg.train.epochs,
+                    eval_period=cfg.eval.period, start=offset(cfg.run_dir))
+
+
+def wait(job: submitit.Job, follower: Follower | None = None) -> dict[str, Any]:
+    """Wait for ``job``, showing its progress through ``follower`` (:func:`progress_follower`); rank 0's
+    result (``status``, ``step``, ``epoch``, ``rank``, ``run_dir``), or :class:`JobFailed` naming the job's log."""
+    if follower is not None:
+        follower.follow(job.done)
     try:
         results = job.results()
     except Exception as exc:  # the job's own traceback is in its log
@@ -252,12 +265,16 @@ def wait(job: submitit.Job) -> dict[str, Any]:
     return results[0]
 
 
-def submit_and_wait(cluster: str, res: Resources, overrides: list[str]) -> dict[str, Any]:
+def submit_and_wait(cluster: str, res: Resources, overrides: list[str],
+                    progress_every_s: float = 30.0) -> dict[str, Any]:
     """Check, submit and wait for a training run of ``overrides`` (``exp=NAME key=value …``) on
-    ``cluster`` with ``res`` (:func:`launch.resources.resources`): the launcher's path, from Python.
-    A user's mistake raises a one-line :class:`~shards.errors.UserError` before anything is written;
-    a failed job raises :class:`JobFailed`."""
-    return wait(submit(plan(cluster, res, overrides)))
+    ``cluster`` with ``res`` (:func:`launch.resources.resources`): the launcher's path, from Python,
+    showing the run's progress on stdout as ``--wait`` does (``progress_every_s``: seconds between
+    two lines off a terminal; 0 shows none). A user's mistake raises a one-line
+    :class:`~shards.errors.UserError` before anything is written; a failed job raises :class:`JobFailed`."""
+    launch = plan(cluster, res, overrides)
+    follower = progress_follower(launch, progress_every_s)
+    return wait(submit(launch), follower)
 
 
 # -- the command line ----------------------------------------------------------------------------------
@@ -276,13 +293,14 @@ def _launch(argv: list[str] | None) -> int:
     if args.dry_run:
         print_dry_run(launch)
         return 0
+    follower = progress_follower(launch, args.progress_every) if args.wait else None
     job = submit(launch, sys.argv if argv is None else argv)
     print(f"job {job.job_id} submitted ({args.cluster}, world size {res.world_size})")
     print(f"run dir: {launch.cfg.run_dir}")
     print(f"logs:    {job.paths.stdout}  (task 0; {job.paths.folder}/{job.job_id}_<task>_log.out|err)")
     if args.wait or args.cluster == "debug":
         try:
-            result = wait(job)
+            result = wait(job, follower)
         except JobFailed as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 1

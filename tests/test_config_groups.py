@@ -33,10 +33,12 @@ size, which the transforms took from ``model.img_size``, now sits in ``data.tran
 
 
 ADDED = {"train.strategy": "ddp", "train.zero_stage": 2, "train.clip_grad": 0.0, "data.batch_scope": "global",
-         "train.optim.lr_scaling": "none"}
+         "train.optim.lr_scaling": "none", "train.metrics_push_url": "", "train.tensorboard": True,
+         "train.peak_tflops": 0.0}
 """Keys new since the fixture, with the defaults that keep every experiment as it was: torch DDP, no
 gradient clipping (the papers'), the world-size-invariant global batch at the experiment's LR; the
-ZeRO stage applies only under ``train.strategy=deepspeed``."""
+ZeRO stage applies only under ``train.strategy=deepspeed``. Observability: no Pushgateway, TensorBoard
+on (it changes no result), the MFU's peak from the GPU table or measured."""
 
 
 def expected(case: str) -> dict[str, Any]:

@@ -229,7 +229,7 @@ def _agreement_body(rank: int, world_size: int, run_dir: str, busy_port: int) ->
         agreed(only_rank_1)
     except UserError as exc:
         out["agreed"] = str(exc)
-    try:  # rank 0 alone binds the exporter: rank 1 must not go on into the run
+    try:  # a rank whose port is busy must stop every rank: none may go on into the run
         run(compose(["exp=pat_smoke", f"run_dir={run_dir}", f"train.metrics_port={busy_port}"]))
     except UserError as exc:
         out["run"] = str(exc)

@@ -114,3 +114,42 @@ def _padded_body(rank: int, world_size: int, n: int) -> None:
 def test_padding_sampler_fails_distributed():
     with pytest.raises(RuntimeError, match="not exact-once"):
         run_distributed(_padded_body, 2, 5)
+
+
+def _own_rows_body(rank: int, world_size: int, n: int) -> dict:
+    return extract(make_model(), _loader(n), n, "cpu", keys=("pid",), gather=False)
+
+
+@pytest.mark.parametrize("world_size,n", [(2, 7), (3, 2)])  # uneven split; (3, 2): one rank has no rows
+def test_gather_false_keeps_each_ranks_own_rows(world_size, n):
+    single = extract(make_model(), _loader(n, batch_size=4), n, "cpu", keys=("pid",))
+    results = run_distributed(_own_rows_body, world_size, n)
+    for rank, out in enumerate(results):
+        start, stop = dist.shard_range(n, rank, world_size)
+        assert out["features"].shape == (stop - start, 5)
+        # float32 GEMM in other batch shapes: the tolerance of test_world_equals_single
+        torch.testing.assert_close(out["features"], single["features"][start:stop], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out["pid"], single["pid"][start:stop])
+
+
+def test_gather_false_places_by_index_in_one_process():
+    n = 10
+    loader = DataLoader(TinySet(n), batch_size=4, sampler=[7, 2, 9, 0, 5, 1, 8, 3, 6, 4])
+    feats = extract_features(lambda x: x.flatten(1)[:, :6] * 2.0, loader, n, "cpu", gather=False)
+    assert torch.equal(feats, TinySet(n).imgs.flatten(1)[:, :6] * 2.0)
+
+
+def _swapped_body(rank: int, world_size: int, n: int) -> str:
+    # Exact-once over the ranks, but rank 0 holds rank 1's rows and rank 1 rank 0's.
+    rows = range(*dist.shard_range(n, world_size - 1 - rank, world_size))
+    loader = DataLoader(TinySet(n), batch_size=4, sampler=rows)
+    try:
+        extract_features(make_model(), loader, n, "cpu", gather=False)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_gather_false_refuses_rows_of_another_rank_on_every_rank():
+    messages = run_distributed(_swapped_body, 2, 6)
+    assert all("rank(s) [0, 1] did not get their own contiguous rows" in m for m in messages), messages

@@ -144,12 +144,13 @@ def test_class_uniform_matches_naive_restatement(seed: int) -> None:
     assert len(s) == 50 and all(len(b) == 8 for b in s)
 
 
-def test_local_batches_whole_identities_and_union_equals_global() -> None:
+@pytest.mark.parametrize("P,worlds", [(8, (2, 4, 8)), (6, (2, 3))])
+def test_local_batches_whole_identities_and_union_equals_global(P: int, worlds: tuple[int, ...]) -> None:
     pids = _pids(1, n_ids=40)
-    P, K = 8, 4
+    K = 4
     world1 = PKSampler(pids, P, K, seed=3, world_size=1, rank=0)
     g = list(world1)
-    for world in (2, 4, 8):
+    for world in worlds:
         parts = [list(PKSampler(pids, P, K, seed=3, world_size=world, rank=r)) for r in range(world)]
         assert all(len(p) == len(g) for p in parts)
         for step in range(len(g)):

@@ -160,10 +160,19 @@ class TrainConfig:
     log_every: int = 10
     """Console line every N steps (metrics.jsonl gets every step)."""
     metrics_port: int = -1
-    """Serve the latest metrics to Prometheus from rank 0 on this port (``trainer/engine/prometheus.py``);
-    -1 = off, 0 = any free port (the URL is logged as a ``metrics_server`` record)."""
+    """Base port of the Prometheus exporters (``trainer/engine/prometheus.py``): every rank serves its own
+    metrics on this port + its local rank; -1 = off, 0 = any free port per rank (rank 0 logs every rank's
+    URL in a ``metrics_server`` record)."""
     metrics_addr: str = "127.0.0.1"
-    """Address the Prometheus exporter binds to (loopback by default: expose it on purpose)."""
+    """Address the Prometheus exporters bind to (loopback by default: expose it on purpose)."""
+    metrics_push_url: str = ""
+    """Pushgateway (``http://host:9091``) every rank also pushes its metrics to, every 15 s and at the end,
+    for jobs a Prometheus cannot scrape; empty = no push."""
+    tensorboard: bool = True
+    """Rank 0 writes TensorBoard scalars and the run's config to ``run_dir/tb``."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device in the run's precision, the denominator of the MFU in train records;
+    0 = the vendor's figure for known GPUs, else a GEMM measured at the start (``trainer/engine/flops.py``)."""
     max_steps: int = 0
     """Stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit. For tests."""
 
@@ -184,6 +193,9 @@ class TrainConfig:
             ("metrics_port", -1 <= self.metrics_port <= 65535,
              "-1 (off), 0 (any free port) or a port in 1..65535"),
             ("metrics_addr", bool(self.metrics_addr), "an address to bind, e.g. 127.0.0.1"),
+            ("metrics_push_url", not self.metrics_push_url or self.metrics_push_url.startswith(("http://", "https://")),
+             "empty (no push) or a Pushgateway URL, e.g. http://pushgateway:9091"),
+            ("peak_tflops", self.peak_tflops >= 0, ">= 0 (0: the GPU table, else measured)"),
             ("max_steps", self.max_steps >= 0, ">= 0 (0: no limit)"),
         ]
 
@@ -299,7 +311,8 @@ command line and in a config file alike."""
 BATCH_SCOPES = ("global", "per_rank")
 """``data.batch_scope`` choices: whose batch P×K is (see :class:`DataConfig`)."""
 DATA_STORES = ("memory", "wids")
-"""``data.store`` choices (opened by ``trainer.methods.common.open_store``)."""
+"""``data.store`` choices (``trainer.data.store.STORES``: ``memory`` maps the shards, one page-cache copy per
+node; ``wids`` reads by index from the tars)."""
 
 
 @dataclass
@@ -328,7 +341,8 @@ class DataConfig:
     num_workers: int = 4
     """DataLoader workers per rank (decoding and augmentation run there)."""
     store: str = "memory"
-    """``memory`` (encoded bytes held in RAM, the default) or ``wids`` (indexed reads from the tar shards)."""
+    """``memory`` (the default: encoded bytes in RAM, the shards memory-mapped, so the page cache holds one copy
+    per node shared by its ranks and DataLoader workers) or ``wids`` (indexed reads from the tar shards)."""
     synthetic: dict[str, SynthSourceConfig] = field(default_factory=dict)
     """Synthetic datasets by name; a source/target with such a name is generated and packed under ``cache_dir``."""
     cache_dir: str = ".cache/reid"

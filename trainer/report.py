@@ -44,7 +44,8 @@ FIGURES: dict[str, str] = {
 """Every figure the report draws → what it shows (the demos print this list)."""
 
 ENGINE_FIELDS = frozenset({"kind", "time", "step", "epoch", "loss", "lr", "sec", "img_per_s", "progress",
-                           "eta_s", "data_wait_s"})
+                           "eta_s", "data_wait_s", "data_wait_ratio", "memory_s", "mfu", "mem_peak_bytes",
+                           "rank_images"})
 """Fields of a train record the engine writes; every other number is one of the method's terms."""
 ACCURACY_FIELDS = ("acc",)
 """Method terms that are fractions in [0, 1], not losses: drawn on their own axis, in %."""

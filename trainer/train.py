@@ -31,7 +31,8 @@ from trainer.methods import build_method
 
 RESUMABLE_CHANGES = (
     "name", "run_dir", "train.epochs", "train.resume", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
-    "train.ckpt_every_epochs", "train.keep_checkpoints", "train.metrics_port", "train.metrics_addr", "eval.",
+    "train.ckpt_every_epochs", "train.keep_checkpoints", "train.metrics_port", "train.metrics_addr",
+    "train.metrics_push_url", "train.tensorboard", "train.peak_tflops", "eval.",
     "data.num_workers", "data.root", "data.cache_dir",
 )
 """Keys (or prefixes ending in ``.``) that may change when a run is resumed: when and how it stops,
@@ -154,11 +155,12 @@ def check_pretrained(cfg: Config) -> None:
 
 
 def check_metrics_port(cfg: Config) -> None:
-    """Rank 0 serves the metrics: it checks that it can listen on ``train.metrics_port`` (0 = any port)."""
-    if cfg.train.metrics_port > 0 and dist.is_main():
+    """Every rank serves its metrics on ``train.metrics_port`` + its local rank (0 = any free port):
+    each checks that it can listen there."""
+    if cfg.train.metrics_port > 0:
         from trainer.engine.prometheus import check_port
 
-        check_port(cfg.train.metrics_port, cfg.train.metrics_addr)
+        check_port(cfg.train.metrics_port, cfg.train.metrics_addr, dist.info().local_rank)
 
 
 def preflight(cfg: Config) -> None:

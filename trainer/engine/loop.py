@@ -9,6 +9,7 @@ interrupted anywhere and resumed ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from shards.errors import UserError
 from trainer import dist
 from trainer.config import EvalConfig, TrainConfig
 from trainer.engine.checkpoint import check_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from trainer.engine.flops import StepMeter
 from trainer.engine.method import Method
 from trainer.engine.metrics import ConsoleSink, JsonlSink, Metrics, MetricsSink
 from trainer.engine.optim import EpochLR, param_groups
@@ -46,7 +48,7 @@ STATE_KEYS = ("model", "optimizer", "strategy", "method", "epoch", "step_in_epoc
 def agree_on_error(error: UserError | None) -> None:
     """Collective: if any rank has a user error, raise the lowest such rank's message on every rank.
 
-    A mistake seen by one rank only (rank 0 alone binds the metrics port) must stop all of them
+    A mistake seen by one rank only (a metrics port busy on one node) must stop all of them
     with the same line: a rank left running would wait in its next collective forever.
     """
     if not dist.is_initialized():
@@ -156,16 +158,18 @@ class Engine:
         if dist.is_main() and self.strategy.name == "deepspeed":  # the resolved DeepSpeed config, for the record
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / "deepspeed.json", json_bytes(self.strategy.describe()["deepspeed"]))
-        exporter = None
-        if cfg.metrics_port >= 0:  # every rank agrees: a busy port stops all of them, not rank 0 alone
-            exporter = agreed(self._start_exporter)  # before metrics.jsonl: a refused run leaves no file
+        self.exporter = None
+        if cfg.metrics_port >= 0 or cfg.metrics_push_url:  # every rank serves (and pushes) its own metrics
+            self.exporter = self._start_exporter()  # before metrics.jsonl: a refused run leaves no file
         if sinks is None:
             sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), ConsoleSink(cfg.log_every)]
-        if exporter is not None:
-            sinks = [*sinks, exporter]
-        self.metrics = Metrics(sinks, enabled=dist.is_main())
-        if exporter is not None:
-            self.metrics.log("metrics_server", url=f"http://{exporter.addr}:{exporter.port}/metrics")
+            if cfg.tensorboard and dist.is_main():  # built on rank 0 only: a writer leaves a file at once
+                sinks.append(self._tensorboard())
+        self.metrics = Metrics(sinks, enabled=dist.is_main(), every_rank=[self.exporter] if self.exporter else [])
+        if cfg.metrics_port >= 0:  # collective: rank 0 records every rank's URL
+            assert self.exporter is not None
+            urls = dist.all_gather_object(self.exporter.url)
+            self.metrics.log("metrics_server", url=urls[0], urls=urls)
         method.bind_metrics(self.metrics.log)
 
     def _log_changes(self, state: dict[str, Any]) -> None:
@@ -182,12 +186,43 @@ class Engine:
         if saved_strategy != self.strategy.name:
             self.metrics.log("strategy_changed", saved=saved_strategy, now=self.strategy.name)
 
-    def _start_exporter(self) -> PrometheusSink | None:
-        if not dist.is_main():
-            return None
+    def _start_exporter(self) -> PrometheusSink:
+        """This rank's exporter on the base port + its local rank. Every rank agrees: a port busy on any
+        rank stops all of them with the same line (and the others close theirs)."""
+        from importlib.metadata import PackageNotFoundError, version
+
         from trainer.engine.prometheus import PrometheusSink
 
-        return PrometheusSink(self.cfg.metrics_port, self.cfg.metrics_addr, run=self.run_dir.name)
+        try:
+            package = version("reid-trainer")
+        except PackageNotFoundError:
+            package = "unknown"
+        name = type(self.method).__name__.removesuffix("Method").lower()  # the engine knows no method by name
+        info, exporter, error = dist.info(), None, None
+        try:
+            exporter = PrometheusSink(self.cfg.metrics_port, self.cfg.metrics_addr, run=self.run_dir.name,
+                                      rank=info.rank, local_rank=info.local_rank, push_url=self.cfg.metrics_push_url,
+                                      build={"version": package, "strategy": self.strategy.name, "method": name})
+        except UserError as exc:
+            error = exc
+        try:
+            agree_on_error(error)
+        except UserError:
+            if exporter is not None:
+                exporter.close()
+            raise
+        assert exporter is not None
+        return exporter
+
+    def _tensorboard(self) -> MetricsSink:
+        from dataclasses import asdict
+
+        from trainer.engine.tensorboard import TensorBoardSink
+
+        saved = self.run_dir / "config.yaml"  # the whole resolved config, written by trainer.train
+        text = saved.read_text() if saved.is_file() else json.dumps(
+            {"train": asdict(self.cfg), "eval": asdict(self.eval_cfg)}, indent=1, sort_keys=True)
+        return TensorBoardSink(self.run_dir / "tb", text)
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step_in_epoch: int,
@@ -255,30 +290,39 @@ class Engine:
         result_status = "finished"
         total_steps = cfg.epochs * steps_per_epoch
         t_fit, steps_at_fit = time.time(), global_step  # ETA from this process's own pace (evals included)
+        meter = StepMeter(self.device, self.strategy.precision, dist.get_world_size(), cfg.peak_tflops,
+                          log=self.metrics.log)
         while epoch < cfg.epochs:
             schedule.set_epoch(epoch)
             self.method.on_epoch_start(model, epoch, step_in_epoch)
             wrapped.train()
             t_last = time.time()
+            t_asked = t_last  # when the loop asked for its next batch: the data wait starts there
             batches = _positioned(self.method.train_batches(epoch, step_in_epoch), epoch, step_in_epoch)
             for batch in batches:
+                data_wait = time.time() - t_asked
                 batch = _to_device(batch, self.device)
                 # per-sample seeds scope the forward's stochastic depth (world-size invariant masks)
-                with self.strategy.autocast(), sample_seeds(batch.get("seed")):
+                with self.strategy.autocast(), sample_seeds(batch.get("seed")), meter.count(batch):
                     result = self.method.training_step(wrapped, batch)
                 self.strategy.backward_and_step(result.loss)
+                t_memory = time.time()
                 self.method.after_optimizer_step(model, batch, result)
+                memory_s = time.time() - t_memory
                 step_in_epoch = batches.cursor
                 global_step += 1
                 now = time.time()
-                n_img = int(batch["img"].shape[0]) * dist.get_world_size() if "img" in batch else 0
+                n_local = int(batch["img"].shape[0]) if "img" in batch else 0
+                n_img = n_local * dist.get_world_size()
+                img_per_s = n_img / max(now - t_last, 1e-9)
+                perf = meter.fields(img_per_s, now - t_last, data_wait, memory_s, n_local)
                 self.metrics.log("train", step=global_step, epoch=epoch, loss=float(result.loss.detach()),
                                  lr=optimizer.param_groups[0]["lr"], sec=round(now - t_last, 4),
-                                 img_per_s=round(n_img / max(now - t_last, 1e-9), 2),
+                                 img_per_s=round(img_per_s, 2),
                                  progress=round(global_step / total_steps, 4),
                                  eta_s=round((total_steps - global_step) * (now - t_fit)
                                              / (global_step - steps_at_fit)),
-                                 **result.logs)
+                                 **{**perf, **result.logs})  # a method's own memory_s (timed inside) wins
                 t_last = now
                 done_epoch = step_in_epoch >= steps_per_epoch
                 hit_max = cfg.max_steps > 0 and global_step >= cfg.max_steps
@@ -289,6 +333,7 @@ class Engine:
                     self._save(wrapped, optimizer, epoch, step_in_epoch, global_step, best, initial)
                 if stop or hit_max:
                     return FitResult("stopped" if stop else "max_steps", global_step, epoch, best, last, initial)
+                t_asked = time.time()
             if step_in_epoch < steps_per_epoch:
                 raise RuntimeError(f"epoch {epoch}: the method yielded {step_in_epoch} batches, expected "
                                    f"{steps_per_epoch} (steps_per_epoch)")

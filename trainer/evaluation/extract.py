@@ -7,6 +7,10 @@ uneven counts allowed), then ``(index, feature)`` pairs are all-gathered with
 to a single-process pass, whatever the world size. Every index ``0 … n-1`` must arrive exactly
 once; anything else (a padding sampler, a dropped last batch, a wrong ``num_samples``) is an error,
 never a silently shifted feature matrix.
+
+``gather=False`` keeps the features where they were computed: only the indices are all-gathered (the
+exact-once check still covers every rank) and each rank gets its own rows ``dist.shard_range(n)``,
+for work that divides by the world size (the queries of a sharded evaluation).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _gather_rows(local: torch.Tensor, width: int, dtype: torch.dtype) -> torch.T
 def extract(model_fn: Callable[..., torch.Tensor], loader: Iterable[Mapping[str, Any]],
             num_samples: int, device: torch.device | str | None = None, *, keys: Sequence[str] = (),
             inputs: Sequence[str] = ("img",), out_device: torch.device | str = "cpu",
-            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+            dtype: torch.dtype = torch.float32, gather: bool = True) -> dict[str, torch.Tensor]:
     """Features (and per-sample ``keys`` such as ``pid``/``camid``) of all ``num_samples`` rows, by index.
 
     Args:
@@ -55,12 +59,17 @@ def extract(model_fn: Callable[..., torch.Tensor], loader: Iterable[Mapping[str,
             embedding needs ``("img", "camid")``).
         out_device: where the returned tensors live.
         dtype: feature dtype of the result (features are cast after the model, e.g. from bf16).
+        gather: ``False`` returns only this rank's rows ``dist.shard_range(num_samples)`` (index order),
+            which its loader must have given it (the exact-once inference sampler does); only the
+            indices are exchanged.
 
     Returns:
-        ``{"features": Tensor[num_samples, D], key: Tensor[num_samples] …}`` — the same on every rank.
+        ``{"features": Tensor[num_samples, D], key: Tensor[num_samples] …}`` — the same on every rank
+        (``gather=False``: ``stop - start`` rows of this rank's share).
 
     Raises:
-        RuntimeError: if an index is missing, duplicated or out of range (on every rank alike).
+        RuntimeError: if an index is missing, duplicated or out of range, or (``gather=False``) a rank
+            got other rows than its share (on every rank alike).
     """
     if num_samples < 0:
         raise ValueError(f"num_samples={num_samples}: expected >= 0")
@@ -105,6 +114,8 @@ def extract(model_fn: Callable[..., torch.Tensor], loader: Iterable[Mapping[str,
     index = _gather_rows(local_idx[:, None], 1, torch.long).reshape(-1).cpu()
     _check_exactly_once(index, num_samples)
     out_device = torch.device(out_device)
+    if not gather:
+        return _own_rows(local_idx, local_feat, key_parts, num_samples, out_device)
     place = index.to(out_device)
     features = _gather_rows(local_feat, width, dtype).to(out_device)
     out = torch.empty((num_samples, width), dtype=dtype, device=out_device)
@@ -113,6 +124,28 @@ def extract(model_fn: Callable[..., torch.Tensor], loader: Iterable[Mapping[str,
         local = torch.cat(key_parts[k]) if key_parts[k] else torch.zeros(0, dtype=torch.long)
         values = _gather_rows(local[:, None], 1, torch.long).reshape(-1).to(out_device)
         result[k] = torch.empty(num_samples, dtype=torch.long, device=out_device).index_copy_(0, place, values)
+    return result
+
+
+def _own_rows(local_idx: torch.Tensor, local_feat: torch.Tensor, key_parts: dict[str, list[torch.Tensor]],
+              num_samples: int, out_device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's share ``dist.shard_range(num_samples)``, placed by index (no features exchanged)."""
+    start, stop = dist.shard_range(num_samples)
+    own = local_idx.numel() == stop - start and bool(((local_idx >= start) & (local_idx < stop)).all())
+    # Agreed by every rank (W flags): a rank holding the wrong rows must not stop alone.
+    wrong = torch.zeros(dist.get_world_size(), dtype=torch.long, device=dist.comm_device())
+    wrong[dist.get_rank()] = int(not own)
+    bad = torch.nonzero(dist.all_reduce(wrong)).flatten().tolist()
+    if bad:
+        raise RuntimeError(f"feature extraction with gather=False: rank(s) {bad} did not get their own contiguous "
+                           f"rows dist.shard_range({num_samples}); use the exact-once inference sampler")
+    place = (local_idx - start).to(out_device)  # exact-once + own range: a permutation of 0 … stop-start-1
+    rows = stop - start
+    result = {"features": torch.empty((rows, local_feat.shape[1]), dtype=local_feat.dtype, device=out_device)
+              .index_copy_(0, place, local_feat.to(out_device))}
+    for k, parts in key_parts.items():
+        values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        result[k] = torch.empty(rows, dtype=torch.long, device=out_device).index_copy_(0, place, values.to(out_device))
     return result
 
 
@@ -133,9 +166,12 @@ def _check_exactly_once(index: torch.Tensor, num_samples: int) -> None:
 
 def extract_features(model_fn: Callable[..., torch.Tensor], loader: Iterable[Mapping[str, Any]],
                      num_samples: int, device: torch.device | str | None = None, *,
-                     inputs: Sequence[str] = ("img",), out_device: torch.device | str = "cpu") -> torch.Tensor:
-    """``Tensor[num_samples, D]`` of features by index, gathered on every rank (see :func:`extract`)."""
-    return extract(model_fn, loader, num_samples, device, inputs=inputs, out_device=out_device)["features"]
+                     inputs: Sequence[str] = ("img",), out_device: torch.device | str = "cpu",
+                     gather: bool = True) -> torch.Tensor:
+    """``Tensor[num_samples, D]`` of features by index, gathered on every rank (see :func:`extract`;
+    ``gather=False``: this rank's rows ``dist.shard_range(num_samples)`` only)."""
+    return extract(model_fn, loader, num_samples, device, inputs=inputs, out_device=out_device,
+                   gather=gather)["features"]
 
 
 __all__ = ["extract", "extract_features"]

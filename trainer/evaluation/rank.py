@@ -26,6 +26,13 @@ depend on the block size or the device.
 :func:`evaluate` takes a distance matrix (numpy or torch, any device). :func:`evaluate_features`
 takes features and computes the distances block by block (``block × g`` at a time, on CUDA when
 available), so peak memory is ``O(block × g)`` instead of ``O(q × g)`` (3.8 GB in fp32 for MSMT17).
+
+Work that divides by the world size: the metrics are means over queries of per-query results
+(:class:`QueryResults`: AP, INP, first-match position), and a query's results depend on its own row
+alone. With ``sharded=True`` each rank ranks only its rows :func:`query_rows` (``dist.shard_range``)
+against the whole gallery, the per-query arrays (24 bytes a query) are all-gathered once in query
+order, and :func:`summarize` forms the means from the same array as one process would, so the
+numbers are bit-identical to one process ranking every query.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from trainer import dist
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -313,57 +322,125 @@ def _check_max_rank(max_rank: int) -> None:
         raise ValueError(f"max_rank={max_rank}: expected an integer >= 1")
 
 
-def _summarize(rows: np.ndarray, ranks: np.ndarray, num_q: int, max_rank: int,
-               return_per_query: bool) -> dict[str, Any]:
-    """Metrics from the (row, rank) list of all true matches, sorted by row then rank."""
-    if rows.size == 0:
+@dataclass
+class QueryResults:
+    """The protocol's outcome for each of a run of consecutive queries (one rank's share, or all).
+
+    Everything the metrics need, per query: the means and the CMC curve are formed from these arrays
+    alone (:func:`summarize`), so gathering them from the ranks that ranked the queries gives the
+    metrics of one process ranking every query.
+    """
+
+    ap: np.ndarray
+    """float64: average precision; NaN for a query skipped by the protocol (no true match)."""
+    inp: np.ndarray
+    """float64: inverse negative penalty; NaN for a skipped query."""
+    first: np.ndarray
+    """int64: 0-based position of the first true match in the filtered order; -1 for a skipped query."""
+
+    def __len__(self) -> int:
+        return int(self.first.size)
+
+    @classmethod
+    def concat(cls, parts: list[QueryResults]) -> QueryResults:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ap", "inp", "first")))
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)  # none: a rank without queries
+
+
+def _per_query(rows: np.ndarray, ranks: np.ndarray, num_q: int) -> QueryResults:
+    """Per-query results from the (row, rank) list of all true matches, sorted by row then rank.
+
+    Each query's AP sums its own terms (one ``reduceat`` segment), so its value does not depend on
+    which other queries are ranked with it."""
+    ap, inp = np.full(num_q, np.nan), np.full(num_q, np.nan)
+    first_rank = np.full(num_q, -1, dtype=np.int64)
+    if rows.size:
+        first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        valid_rows = rows[first]
+        count = np.diff(np.r_[first, rows.size])
+        m = count.astype(np.float64)
+        k = np.arange(rows.size, dtype=np.float64) - np.repeat(first, count) + 1.0
+        terms = k / (ranks.astype(np.float64) + 1.0)
+        ap[valid_rows] = np.add.reduceat(terms, first) / m
+        last = np.r_[first[1:], rows.size] - 1
+        inp[valid_rows] = m / (ranks[last].astype(np.float64) + 1.0)
+        first_rank[valid_rows] = ranks[first]
+    return QueryResults(ap, inp, first_rank)
+
+
+def summarize(results: QueryResults, max_rank: int = 50, return_per_query: bool = False) -> dict[str, Any]:
+    """mAP / CMC / mINP over the valid queries of ``results`` (the means taken in query order).
+
+    Raises ``ValueError`` if no query has a valid match."""
+    _check_max_rank(max_rank)
+    valid = results.first >= 0
+    if not bool(valid.any()):
         raise ValueError("no query has a true match in the gallery (same pid, other camera): "
                          "mAP/CMC are undefined; check the query/gallery pids and camids")
-    first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    valid_rows = rows[first]
-    m = np.diff(np.r_[first, rows.size]).astype(np.float64)
-    k = np.arange(rows.size, dtype=np.float64) - np.repeat(first, np.diff(np.r_[first, rows.size])) + 1.0
-    terms = k / (ranks.astype(np.float64) + 1.0)
-    ap = np.add.reduceat(terms, first) / m
-    last = np.r_[first[1:], rows.size] - 1
-    inp = m / (ranks[last].astype(np.float64) + 1.0)
-    first_rank = ranks[first]
+    first_rank = results.first[valid]
     hist = np.bincount(first_rank[first_rank < max_rank], minlength=max_rank).astype(np.float64)
-    nvalid = valid_rows.size
+    nvalid = int(first_rank.size)
     out: dict[str, Any] = {
-        "mAP": float(np.mean(ap)),
+        "mAP": float(np.mean(results.ap[valid])),
         "cmc": np.cumsum(hist) / nvalid,
-        "mINP": float(np.mean(inp)),
-        "num_valid_queries": int(nvalid),
+        "mINP": float(np.mean(results.inp[valid])),
+        "num_valid_queries": nvalid,
     }
     if return_per_query:
-        ap_q = np.full(num_q, np.nan)
-        inp_q = np.full(num_q, np.nan)
-        ap_q[valid_rows], inp_q[valid_rows] = ap, inp
-        out["AP"], out["INP"] = ap_q, inp_q
+        out["AP"], out["INP"] = results.ap.copy(), results.inp.copy()
     return out
 
 
+# -- sharded queries: each rank ranks its share, the per-query results are gathered once -------------
+def query_rows(num_queries: int, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``[start, stop)``: the queries a rank ranks in a sharded evaluation (``dist.shard_range``).
+
+    Its work is ``(stop - start) × gallery`` distances and their ranking: ``⌈q/W⌉`` rows at most."""
+    return dist.shard_range(num_queries, rank, world_size)
+
+
+def _own_ids(ids: ArrayLike, name: str, num_rows: int) -> torch.Tensor:
+    """This rank's slice of the ids of all queries, checked against the rows it holds."""
+    t = _as_long(ids, name, torch.device("cpu"))
+    start, stop = query_rows(t.numel())
+    if num_rows != stop - start:
+        raise ValueError(f"sharded evaluation: rank {dist.get_rank()} holds {num_rows} query rows, expected its "
+                         f"share [{start}, {stop}) of the {t.numel()} queries in {name} (dist.shard_range; "
+                         "an exact-once extraction with gather=False gives it)")
+    return t[start:stop]
+
+
+def _gather_queries(rank_own: Callable[[], QueryResults]) -> QueryResults:
+    """Every rank's :class:`QueryResults` in rank order (= query order), from one all-gather.
+
+    A rank whose ranking fails (NaN features in its share, say) still joins the gather, with its
+    error instead of results, so every rank raises instead of waiting for it."""
+    try:
+        own, error = rank_own(), None
+    except Exception as exc:  # re-raised below, after the collective every rank is in
+        own, error = None, exc
+    parts = dist.all_gather_object((own, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    for r, (_, message) in enumerate(parts):
+        if message is not None:
+            raise RuntimeError(f"sharded evaluation: ranking failed on rank {r}: {message}")
+    return QueryResults.concat([p for p, _ in parts])
+
+
+def _rows_of(x: ArrayLike) -> int:
+    shape = x.shape if isinstance(x, (np.ndarray, torch.Tensor)) else np.shape(x)
+    return int(shape[0]) if len(shape) else 0
+
+
 @torch.no_grad()
-def evaluate(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
-             g_camids: ArrayLike, max_rank: int = 50, *, block_size: int | None = None,
-             return_per_query: bool = False) -> dict[str, Any]:
-    """Market-1501 mAP / CMC / mINP from a ``q × g`` distance matrix (smaller = more similar).
-
-    Args:
-        distmat: numpy array or torch tensor (any float dtype, any device; computed where it lives).
-        q_pids, g_pids, q_camids, g_camids: 1-D integer ids (numpy or torch).
-        max_rank: length of the CMC curve. It may exceed the gallery size: entries past the last
-            gallery position hold the final value (every valid query has its first match by then).
-        block_size: query rows processed at once (temporaries are ``O(block_size × g)``).
-        return_per_query: also return ``AP`` and ``INP`` per query (numpy, NaN for skipped queries).
-
-    Returns:
-        ``{"mAP": float, "cmc": np.ndarray[max_rank] (float64), "mINP": float,
-        "num_valid_queries": int}`` (plus ``AP``/``INP`` on request). Raises ``ValueError`` if no
-        query has a valid match.
-    """
-    _check_max_rank(max_rank)
+def rank_distances(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
+                   g_camids: ArrayLike, *, block_size: int | None = None) -> QueryResults:
+    """Per-query results of the rows of a ``q × g`` distance matrix (the work of :func:`evaluate`,
+    no collective; a query without a true match is marked, not an error)."""
     d = distmat.detach() if isinstance(distmat, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(distmat))
     if d.dim() != 2 or not d.is_floating_point():
         raise ValueError(f"distmat: expected a 2-D float matrix (q × g), got shape {tuple(d.shape)} dtype {d.dtype}")
@@ -381,7 +458,42 @@ def evaluate(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids:
         r, k = _match_ranks(block, s, ids)
         rows.append(r)
         ranks.append(k)
-    return _summarize(np.concatenate(rows), np.concatenate(ranks), num_q, max_rank, return_per_query)
+    return _per_query(_cat(rows), _cat(ranks), num_q)
+
+
+@torch.no_grad()
+def evaluate(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
+             g_camids: ArrayLike, max_rank: int = 50, *, block_size: int | None = None,
+             return_per_query: bool = False, sharded: bool = False) -> dict[str, Any]:
+    """Market-1501 mAP / CMC / mINP from a ``q × g`` distance matrix (smaller = more similar).
+
+    Args:
+        distmat: numpy array or torch tensor (any float dtype, any device; computed where it lives).
+        q_pids, g_pids, q_camids, g_camids: 1-D integer ids (numpy or torch).
+        max_rank: length of the CMC curve. It may exceed the gallery size: entries past the last
+            gallery position hold the final value (every valid query has its first match by then).
+        block_size: query rows processed at once (temporaries are ``O(block_size × g)``).
+        return_per_query: also return ``AP`` and ``INP`` per query (numpy, NaN for skipped queries).
+        sharded: ``distmat`` holds only this rank's rows :func:`query_rows` of the queries, while
+            ``q_pids``/``q_camids`` cover all of them. Collective: every rank returns the metrics of
+            all queries, equal to one process given the whole matrix.
+
+    Returns:
+        ``{"mAP": float, "cmc": np.ndarray[max_rank] (float64), "mINP": float,
+        "num_valid_queries": int}`` (plus ``AP``/``INP`` on request). Raises ``ValueError`` if no
+        query has a valid match.
+    """
+    _check_max_rank(max_rank)
+    if not sharded:
+        return summarize(rank_distances(distmat, q_pids, g_pids, q_camids, g_camids, block_size=block_size),
+                         max_rank, return_per_query)
+
+    def rank_own() -> QueryResults:
+        n = _rows_of(distmat)
+        return rank_distances(distmat, _own_ids(q_pids, "q_pids", n), g_pids, _own_ids(q_camids, "q_camids", n),
+                              g_camids, block_size=block_size)
+
+    return summarize(_gather_queries(rank_own), max_rank, return_per_query)
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:
@@ -447,11 +559,31 @@ def pairwise_distance(qf: ArrayLike, gf: ArrayLike, *, block_size: int | None = 
 
 
 @torch.no_grad()
+def rank_queries(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
+                 g_camids: ArrayLike, *, block_size: int | None = None,
+                 device: torch.device | str | None = None) -> QueryResults:
+    """Per-query results of the queries ``qf`` against the gallery ``gf`` (the work of
+    :func:`evaluate_features` without re-ranking; no collective: in a sharded evaluation, the part
+    that divides by the world size). A query without a true match is marked, not an error."""
+    device = _default_device(device)
+    qn, g, g_inv = _prepare(qf, gf, device)
+    num_q, num_g = qn.shape[0], g.shape[0]
+    ids = _Ids.build(q_pids, g_pids, q_camids, g_camids, num_q, num_g, device)
+    bs = _feature_block_size(block_size, num_g, device)
+    rows, ranks = [], []
+    for s in range(0, num_q, bs):
+        r, k = _match_ranks(_distance_block(qn[s : s + bs], g, g_inv), s, ids)
+        rows.append(r)
+        ranks.append(k)
+    return _per_query(_cat(rows), _cat(ranks), num_q)
+
+
+@torch.no_grad()
 def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike,
                       q_camids: ArrayLike, g_camids: ArrayLike, max_rank: int = 50, *,
                       block_size: int | None = None, device: torch.device | str | None = None,
                       rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                      return_per_query: bool = False) -> dict[str, Any]:
+                      return_per_query: bool = False, sharded: bool = False) -> dict[str, Any]:
     """Market-1501 metrics from query and gallery features, never holding the ``q × g`` matrix.
 
     Features are L2-normalized here (inputs are never modified; a float32/float64 gallery already on
@@ -465,29 +597,39 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
 
     Equal to ``evaluate(pairwise_distance(qf, gf, block_size=B, device=D), ...)`` bit for bit.
 
+    ``sharded=True``: ``qf`` holds only this rank's rows :func:`query_rows` of the queries (``gf``
+    the whole gallery; ``q_pids``/``q_camids`` all queries). Each rank ranks its rows, the
+    per-query results are all-gathered once, and every rank returns the metrics of all queries:
+    bit-identical to one process whenever each query's distances are (a matmul's last bit may
+    depend on the block's row count, see :func:`pairwise_distance`). Collective.
+
     ``rerank=True`` applies k-reciprocal re-ranking (:func:`trainer.evaluation.rerank.re_ranking`
-    with ``k1``, ``k2``, ``lambda_value``) first; that path is dense, ``O((q+g)²)`` memory.
+    with ``k1``, ``k2``, ``lambda_value``) first; that path is dense, ``O((q+g)²)`` memory, and needs
+    every query (not ``sharded``).
 
     Returns the same dict as :func:`evaluate`.
     """
     _check_max_rank(max_rank)
     if rerank:
+        if sharded:
+            raise ValueError("re-ranking needs every query against the gallery: pass all query features, "
+                             "not a rank's share (sharded=False)")
         from .rerank import re_ranking
 
         distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, device=device)
         return evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, block_size=block_size,
                         return_per_query=return_per_query)
-    device = _default_device(device)
-    qn, g, g_inv = _prepare(qf, gf, device)
-    num_q, num_g = qn.shape[0], g.shape[0]
-    ids = _Ids.build(q_pids, g_pids, q_camids, g_camids, num_q, num_g, device)
-    bs = _feature_block_size(block_size, num_g, device)
-    rows, ranks = [], []
-    for s in range(0, num_q, bs):
-        r, k = _match_ranks(_distance_block(qn[s : s + bs], g, g_inv), s, ids)
-        rows.append(r)
-        ranks.append(k)
-    return _summarize(np.concatenate(rows), np.concatenate(ranks), num_q, max_rank, return_per_query)
+    if not sharded:
+        results = rank_queries(qf, gf, q_pids, g_pids, q_camids, g_camids, block_size=block_size, device=device)
+        return summarize(results, max_rank, return_per_query)
+
+    def rank_own() -> QueryResults:
+        n = _rows_of(qf)
+        return rank_queries(qf, gf, _own_ids(q_pids, "q_pids", n), g_pids, _own_ids(q_camids, "q_camids", n),
+                            g_camids, block_size=block_size, device=device)
+
+    return summarize(_gather_queries(rank_own), max_rank, return_per_query)
 
 
-__all__ = ["evaluate", "evaluate_features", "pairwise_distance"]
+__all__ = ["QueryResults", "evaluate", "evaluate_features", "pairwise_distance", "query_rows",
+           "rank_distances", "rank_queries", "summarize"]

@@ -7,6 +7,7 @@ The datasets are ensured (synthetic ones made) once per run before any method is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from trainer.config import Config
 from trainer.data.catalogue import SampleIndex
 from trainer.data.loader import build_inference_loader
 from trainer.data.prepare import dataset_dir
-from trainer.data.store import SampleStore, WidsSampleStore
+from trainer.data.store import open_split
 from trainer.data.transforms import Pipeline, build_transforms
 from trainer.evaluation.extract import extract_features
 from trainer.evaluation.rank import evaluate_features
@@ -24,11 +25,7 @@ from trainer.evaluation.rank import evaluate_features
 
 def open_store(cfg: Config, names: list[str], split: str, relabel: bool) -> SampleIndex:
     roots = [dataset_dir(cfg.data, n) for n in names]
-    if cfg.data.store == "wids":
-        return WidsSampleStore.from_manifests(roots, split, relabel=relabel)
-    if cfg.data.store != "memory":
-        raise ValueError(f"data.store={cfg.data.store!r}: expected 'memory' or 'wids'")
-    return SampleStore.from_manifests(roots, split, relabel=relabel)
+    return open_split(cfg.data.store, roots, split, relabel=relabel)
 
 
 def transforms(cfg: Config, train: bool) -> Pipeline:
@@ -51,26 +48,39 @@ def open_targets(cfg: Config) -> list[Target]:
 
 @torch.no_grad()
 def extract(model: nn.Module, store: SampleIndex, transform: Pipeline, batch_size: int, num_workers: int,
-            inputs: tuple[str, ...] = ("img",)) -> torch.Tensor:
+            inputs: tuple[str, ...] = ("img",), gather: bool = True) -> torch.Tensor:
     """Features of every sample of ``store`` in index order, on every rank (exact-once sharded).
 
-    The model is called as ``model(*batch[inputs])`` in eval mode (TMGF also takes ``camid``)."""
+    The model is called as ``model(*batch[inputs])`` in eval mode (TMGF also takes ``camid``).
+    ``gather=False``: this rank's rows ``dist.shard_range(len(store))`` only (no features exchanged)."""
     loader = build_inference_loader(store, transform, batch_size, num_workers)
-    return extract_features(model, loader, len(store), dist.info().device, inputs=inputs)
+    return extract_features(model, loader, len(store), dist.info().device, inputs=inputs, gather=gather)
+
+
+def _record(m: dict[str, Any]) -> dict[str, Any]:
+    """The numbers an evaluation record keeps: the usual summary plus the whole CMC curve."""
+    cmc = m["cmc"]
+    return {"mAP": float(m["mAP"]), "R1": float(cmc[0]), "R5": float(cmc[min(4, len(cmc) - 1)]),
+            "R10": float(cmc[min(9, len(cmc) - 1)]), "mINP": float(m["mINP"]),
+            "cmc": [float(c) for c in cmc]}
 
 
 def evaluate_targets(model: nn.Module, targets: list[Target], transform: Pipeline, batch_size: int,
                      num_workers: int, rerank: bool = False, max_rank: int = 50,
-                     inputs: tuple[str, ...] = ("img",)) -> dict[str, dict[str, float]]:
-    """mAP / CMC / mINP on each target (Market-1501 protocol). Collective; every rank gets the numbers."""
-    out: dict[str, dict[str, float]] = {}
+                     inputs: tuple[str, ...] = ("img",)) -> dict[str, dict[str, Any]]:
+    """mAP / CMC (``cmc``: ``max_rank`` floats) / mINP on each target (Market-1501 protocol).
+
+    Collective; every rank gets the numbers. The work divides by the world size: each rank extracts
+    and ranks its share of the queries (``dist.shard_range``) against the whole gallery (the one
+    set of features all-gathered) and the per-query results are gathered once: the same numbers as
+    one process. Re-ranking needs the whole query × gallery matrix: with ``rerank`` the query
+    features are gathered too and every rank ranks every query."""
+    out: dict[str, dict[str, Any]] = {}
+    sharded = not rerank
     for t in targets:
-        qf = extract(model, t.query, transform, batch_size, num_workers, inputs)
+        qf = extract(model, t.query, transform, batch_size, num_workers, inputs, gather=not sharded)
         gf = extract(model, t.gallery, transform, batch_size, num_workers, inputs)
         m = evaluate_features(qf, gf, t.query.pid, t.gallery.pid, t.query.camid, t.gallery.camid,
-                              max_rank=max_rank, rerank=rerank)
-        cmc = m["cmc"]
-        out[t.name] = {"mAP": float(m["mAP"]), "R1": float(cmc[0]), "R5": float(cmc[min(4, len(cmc) - 1)]),
-                       "R10": float(cmc[min(9, len(cmc) - 1)]), "mINP": float(m["mINP"])}
+                              max_rank=max_rank, rerank=rerank, sharded=sharded)
+        out[t.name] = _record(m)
     return out
-

@@ -17,6 +17,7 @@ launcher); the method only opens them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -121,11 +122,14 @@ class PATMethod(Method):
         assert self.bank is not None
         p = self.cfg.pat
         parts = out.parts.float()
+        t0 = time.perf_counter()  # the bank's share of the step: one gather and the write (reid_memory_sync_seconds)
         step = gather_batch(index, pid, parts, device=self.bank.device)
         if p.update_before_loss:  # the official order: the loss sees this step's own features in the bank
             self.write_memory(step)
+        memory_s = time.perf_counter() - t0
         res = pat_total(out.logits, out.cls, parts, pid, index, self.bank, p, out.blocks, gathered=step)
-        logs = {"id": float(res.id.detach()), "tri": float(res.triplet.detach()), "csl": float(res.csl.detach())}
+        logs = {"id": float(res.id.detach()), "tri": float(res.triplet.detach()), "csl": float(res.csl.detach()),
+                "memory_s": memory_s}
         if res.sd is not None:
             logs["sd"] = float(res.sd.detach())
         extras = {} if p.update_before_loss else {"memory": step.detached()}

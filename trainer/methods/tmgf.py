@@ -143,6 +143,7 @@ def clustering_stats(labels: np.ndarray, proxies: CameraProxies | None, truth: n
         "clusters": int(labels.max()) + 1 if keep.any() else 0,
         "outliers": int((~keep).sum()),
         "true_ids": int(np.unique(truth).size),
+        "images": int(labels.size),  # the outlier ratio's denominator
     }
     if proxies is not None:
         out["proxies"] = proxies.num_proxies
