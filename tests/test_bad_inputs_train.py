@@ -75,6 +75,18 @@ def _checkpoint_without_version(tmp: Path) -> None:
     (_checkpoint(tmp) / META).unlink()  # the layout written before formats were versioned
 
 
+def _checkpoint_of_two_ranks_mid_epoch(tmp: Path) -> None:
+    import shutil
+
+    from trainer.engine.checkpoint import META
+
+    folder = _checkpoint(tmp)
+    meta = json.loads((folder / META).read_text())
+    meta.update(world_size=2, epoch=0, step_in_epoch=2)
+    (folder / META).write_text(json.dumps(meta))
+    shutil.copy(folder / "rng_rank0.pt", folder / "rng_rank1.pt")
+
+
 def _next_format() -> int:
     from trainer.engine.checkpoint import FORMAT_VERSION
 
@@ -104,6 +116,11 @@ ROWS = [
     BadInput("checkpoint-without-format", TRAIN,
              names=("run/checkpoints/step_000000004", "format 1 (no meta.json"),
              fix=("train.resume=never", "another run_dir"), setup=_checkpoint_without_version),
+    BadInput("per-rank-batch-resumed-mid-epoch-on-other-ranks", [*TRAIN, "data.batch_scope=per_rank"],
+             names=("run/checkpoints/step_000000004", "written by 2 ranks at step 2 of an epoch",
+                    "data.batch_scope=per_rank"),
+             fix=("resume it on 2 ranks", "a checkpoint at an epoch boundary", "data.batch_scope=global"),
+             setup=_checkpoint_of_two_ranks_mid_epoch),
     BadInput("resume-not-a-checkpoint", [*TRAIN, "train.resume={tmp}/nowhere"],
              names=("train.resume=", "nowhere", "no state.pt"), fix=("train.resume=auto",)),
     BadInput("bench-bad-argument", [str(REPO / "bench" / "bank.py"), "--batch", "0"],

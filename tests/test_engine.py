@@ -179,7 +179,8 @@ def test_checkpoint_records_its_format_and_an_incompatible_one_is_refused(tmp_pa
 
     ckpt = save_checkpoint(tmp_path, 4, {k: torch.zeros(1) for k in STATE_KEYS})
     meta = json.loads((ckpt / META).read_text())
-    assert meta == {"format_version": FORMAT_VERSION, "step": 4, "world_size": 1, "keys": sorted(STATE_KEYS)}
+    assert meta == {"format_version": FORMAT_VERSION, "step": 4, "world_size": 1, "epoch": 0, "step_in_epoch": 0,
+                    "keys": sorted(STATE_KEYS)}  # the position too: resume checks read it without state.pt
     assert check_checkpoint(ckpt, STATE_KEYS) == meta
     assert issubclass(CheckpointError, UserError)
 

@@ -131,8 +131,16 @@ def check_checkpoint(cfg: Config) -> None:
     from trainer.engine.checkpoint import resolve_resume
 
     ckpt = resolve_resume(cfg.train.resume, Path(cfg.run_dir) / "checkpoints")
-    if ckpt is not None:
-        check(ckpt, STATE_KEYS)
+    if ckpt is None:
+        return
+    meta = check(ckpt, STATE_KEYS)
+    saved, world, within = int(meta["world_size"]), dist.get_world_size(), int(meta.get("step_in_epoch", 0))
+    if cfg.data.batch_scope == "per_rank" and saved != world and within:
+        # the step's batch is W·P×K: at another W the saved position inside the epoch means other batches
+        raise ConfigError(f"{ckpt}: written by {saved} ranks at step {within} of an epoch with data.batch_scope="
+                          f"per_rank, where a step's batch grows with the ranks; resume it on {saved} ranks, or "
+                          f"from a checkpoint at an epoch boundary (train.resume=<run_dir>/checkpoints/step_…), "
+                          f"or use data.batch_scope=global")
 
 
 def check_pretrained(cfg: Config) -> None:

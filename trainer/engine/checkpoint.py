@@ -7,7 +7,8 @@ Layout of one checkpoint, a directory under ``run_dir/checkpoints``::
                         such as banks or pseudo labels, the position: epoch and the sampler's
                         step_in_epoch), written by rank 0
       rng_rank{r}.pt    each rank's RNG states (python, numpy, torch CPU, torch CUDA)
-      meta.json         format version, step, world size, the keys of state.pt (written last)
+      meta.json         format version, step, world size, the position (epoch, step in it),
+                        the keys of state.pt (written last)
 
 Resume reads ``meta.json`` first (:func:`check_checkpoint`): a checkpoint of another format version,
 or one without the files or keys the trainer needs, is refused in one line before any work starts,
@@ -136,6 +137,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike[str], step: int, state: dict[st
 
 def _write_meta(folder: Path, step: int, state: dict[str, Any]) -> None:
     meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": dist.get_world_size(),
+            **{k: int(state[k]) for k in ("epoch", "step_in_epoch") if k in state},  # the position, readable cheaply
             "keys": sorted(map(str, state))}
     with open(folder / META, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
