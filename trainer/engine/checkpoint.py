@@ -136,9 +136,9 @@ def save_checkpoint(ckpt_root: str | os.PathLike[str], step: int, state: dict[st
 
 
 def _write_meta(folder: Path, step: int, state: dict[str, Any]) -> None:
-    meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": dist.get_world_size(),
-            **{k: int(state[k]) for k in ("epoch", "step_in_epoch") if k in state},  # the position, readable cheaply
-            "keys": sorted(map(str, state))}
+    position: dict[str, int] = {k: int(state[k]) for k in ("epoch", "step_in_epoch") if k in state}  # cheap to read
+    meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step, "world_size": dist.get_world_size(),
+                            **position, "keys": sorted(map(str, state))}
     with open(folder / META, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
