@@ -179,7 +179,8 @@ def test_launcher_wait_shows_progress_and_the_evaluation(tmp_path: Path) -> None
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "[progress] epoch 1/2 step 1/8 12%" in out, out
+    # the follower polls metrics.jsonl: which steps of epoch 1 it catches depends on the machine's pace
+    assert re.search(r"\[progress\] epoch 1/2 step [1-4]/8 \d+%", out), out
     assert "[progress] epoch 2/2 step 8/8 100%" in out, out
     assert "evaluation after epoch 2 (step 8," in out and "| smoke_b |" in out, out
     assert re.search(r"finished at step 8\njob \d+: finished at step 8", out), out
