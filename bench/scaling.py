@@ -63,8 +63,10 @@ def _rank(rank: int, world: int, port: int, out: str, fn: Any, args: tuple) -> N
     dist.init(backend="gloo")
     try:
         torch.save(fn(rank, world, *args), os.path.join(out, f"{rank}.pt"))
-    finally:
+    except BaseException:
         dist.shutdown()
+        raise
+    dist.shutdown(sync=True)
 
 
 # -- evaluation ---------------------------------------------------------------------------------

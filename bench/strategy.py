@@ -365,7 +365,7 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, strategy: str, set
     finally:
         with open(path, "w") as f:
             json.dump(result, f)
-        dist.shutdown()
+        dist.shutdown(sync=result["ok"])
 
 
 # -- the cases -------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             if rank == 0:
                 launch_log(run_dir, f"job {job_id}: {result.status} at step {result.global_step} "
                                     f"(epoch {result.epoch})")
-            dist.shutdown()
+            dist.shutdown(sync=True)
             return {"status": result.status, "step": result.global_step, "epoch": result.epoch, "rank": rank,
                     "run_dir": str(run_dir)}
         finally:
@@ -162,6 +162,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             message = (f"job {job_id}: stopped at step {step}; requeue cap reached ({count}/{self.max_requeues}): "
                        f"not requeued. Submit the same command again to continue from the checkpoint")
             launch_log(run_dir, message)
+            dist.shutdown(sync=True)  # the other ranks wait in run()'s clean shutdown
             raise submitit.core.utils.UncompletedJobError(message)
         if handler is None:
             launch_log(run_dir, f"job {job_id}: stopped at step {step}; not in a submitit job, not requeued")
@@ -169,7 +170,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         n = record_requeue(run_dir, "preempted", step, job_id)
         launch_log(run_dir, f"job {job_id}: stopped at step {step} (checkpoint saved); requeue {n}/"
                             f"{self.max_requeues}")
-        dist.shutdown()
+        dist.shutdown(sync=True)  # the other ranks meet it in run()'s clean shutdown
         handler(signal.SIGUSR2, None)  # submitit: checkpoint() → dump → requeue → sys.exit
 
     def _requeue_after_failure(self, run_dir: Path, job_id: str, state: dict[str, Any], exc: BaseException) -> None:

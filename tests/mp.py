@@ -45,9 +45,9 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable[...
         torch.save({"ok": True, "result": result}, path)
     except BaseException:  # report the traceback to the parent instead of a bare exit code
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
-        raise
-    finally:
         dist.shutdown()
+        raise
+    dist.shutdown(sync=True)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:

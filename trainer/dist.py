@@ -91,9 +91,16 @@ def info() -> DistInfo:
     )
 
 
-def shutdown() -> None:
-    """Destroy the process group (always call at the end: avoids exit-time aborts)."""
+def shutdown(sync: bool = False) -> None:
+    """Destroy the process group (always call at the end: avoids exit-time aborts).
+
+    ``sync=True`` on a clean exit first waits for every rank: a rank that tears its gloo pairs down while a
+    peer still finishes its last collective can abort that peer ("terminate called without an active
+    exception"). Never sync on an error path, where a peer may be gone and the barrier would wait for it.
+    """
     if is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -232,8 +232,10 @@ def _train(args: list[str]) -> int:
     flag.install()  # SIGUSR2 and SIGTERM: checkpoint at the next step boundary, then exit
     try:
         result = run(cfg, flag)
-    finally:
+    except BaseException:
         dist.shutdown()
+        raise
+    dist.shutdown(sync=True)
     if rank == 0:
         again = "; the same command continues it (train.resume=auto)" if result.status != "finished" else ""
         print(f"{result.status} at step {result.global_step} (epoch {result.epoch}); run dir {cfg.run_dir}{again}")
