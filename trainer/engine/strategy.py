@@ -14,6 +14,7 @@ steps no scheduler of its own).
 
 from __future__ import annotations
 
+import inspect
 import json
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
@@ -27,6 +28,15 @@ from trainer import dist
 from trainer.config import OptimConfig, TrainConfig
 from trainer.engine.optim import build_optimizer
 from trainer.models.sync_bn import convert_sync_bn
+
+# torch 2.14 renamed DDP's per-forward buffer broadcast to ``forward_sync_buffers`` (deprecating
+# ``broadcast_buffers``); the new one also syncs buffers once at wrap time, harmless here because every
+# rank builds the same model from the same seed and checkpoints load after wrapping.
+_NO_FORWARD_BUFFER_SYNC: dict[str, Any] = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 ParamGroups = list[dict[str, Any]]
 Setup = tuple[nn.Module, torch.optim.Optimizer]
@@ -122,7 +132,7 @@ class DDPStrategy(Strategy):
             # Buffers are not broadcast every step: with sync_bn every rank computes the same BN running
             # stats itself; without it they are per rank as in plain DDP. Memory banks live outside the model.
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False), self.optimizer
+            return DistributedDataParallel(model, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC), self.optimizer
         return model, self.optimizer
 
     def unwrap(self, module: nn.Module) -> nn.Module:
