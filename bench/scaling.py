@@ -36,7 +36,7 @@ from bench.cli import Parser, int_list, positive_int, run_cli
 PROG = "bench/scaling.py"
 
 
-def _spawn(fn: Any, world: int, *args: Any) -> list[Any]:
+def spawn(fn: Any, world: int, *args: Any) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` gloo ranks; each rank's return value."""
     import torch.multiprocessing as mp
 
@@ -159,7 +159,7 @@ def _main(argv: list[str] | None) -> int:
     print(f"\n## evaluation: {args.queries} queries x {args.gallery} gallery x {args.dim}, this rank's share")
     base = None
     for w in worlds:
-        res = _spawn(_eval_rank, w, args.queries, args.gallery, args.dim, args.repeats)
+        res = spawn(_eval_rank, w, args.queries, args.gallery, args.dim, args.repeats)
         worst = max(r["seconds"] for r in res)
         base = base or worst
         print(f"W={w}: rows per rank {[r['rows'] for r in res]}, busiest rank {worst:.3f} CPU s, "
@@ -168,7 +168,7 @@ def _main(argv: list[str] | None) -> int:
     print(f"\n## clustering: N = {args.cluster_n}, distributed jaccard_dbscan, Python-heap peak per rank")
     base = None
     for w in worlds:
-        res = _spawn(_cluster_rank, w, args.cluster_n, 64)
+        res = spawn(_cluster_rank, w, args.cluster_n, 64)
         peak = max(r["peak_mb"] for r in res)
         base = base or peak
         print(f"W={w}: peak {peak:.1f} MB per rank ({peak / base:.2f} of W=1; goal at W=4: <= 0.40), "
@@ -179,7 +179,7 @@ def _main(argv: list[str] | None) -> int:
         pack = _make_pack(Path(tmp), args.images)
         size = sum(f.stat().st_size for f in pack.glob("train-*.tar")) / 2**20
         for w in worlds:
-            res = _spawn(_image_rank, w, str(pack))
+            res = spawn(_image_rank, w, str(pack))
             pss = sum(r["maps_pss_mb"] for r in res)
             print(f"W={w}: shard maps Pss summed over ranks {pss:.1f} MB for a {size:.1f} MB train split "
                   f"({pss / size:.2f} copies per node); private per rank "

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from bench.cli import Parser, int_list, positive_int, run_cli
+from bench.scaling import spawn
 
 PROG = "bench/step_comm.py"
 MULTISOURCE_N = 12_936 + 16_522 + 7_365
@@ -48,7 +49,7 @@ def _overrides(case: str, quick: bool, cache: str) -> list[str]:
     if case == "pat":
         model = [] if quick else ["model=vit_b16", "model.pretrained=null", "data.ids_per_batch=16"]
         return ["exp=pat_smoke", f"data.cache_dir={cache}", "data.num_workers=0", *model]
-    model = [] if quick else ["model=vit_s16_lup", "model.pretrained=null"]
+    model = [] if quick else ["model=vit_s16_lup", "model.pretrained=null", "tmgf.proxies_per_batch=8"]
     return ["exp=tmgf_smoke", f"data.cache_dir={cache}", "data.num_workers=0", *model]
 
 
@@ -99,12 +100,6 @@ def step_rank(rank: int, world: int, case: str, quick: bool, cache: str, steps: 
     return out
 
 
-def _spawn(fn: Any, world: int, *args: Any) -> list[Any]:
-    from bench.scaling import _spawn as spawn
-
-    return spawn(fn, world, *args)
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, lambda: _main(argv))
 
@@ -126,7 +121,7 @@ def _main(argv: list[str] | None) -> int:
             shapes = "smoke model" if args.quick else ("ViT-B/16 256x128" if case == "pat" else "ViT-S/16 384x128")
             print(f"\n## {case}: {shapes}, bytes sent per training step per rank (wchar), peak RSS per rank")
             for w in args.worlds:
-                res = _spawn(step_rank, w, case, args.quick, cache, args.steps)
+                res = spawn(step_rank, w, case, args.quick, cache, args.steps)
                 sent = max(max(r["sent"]) for r in res)
                 grads = 4 * res[0]["params"]
                 ring = 2 * (w - 1) / w * grads

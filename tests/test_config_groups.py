@@ -34,11 +34,14 @@ size, which the transforms took from ``model.img_size``, now sits in ``data.tran
 
 ADDED = {"train.strategy": "ddp", "train.zero_stage": 2, "train.clip_grad": 0.0, "data.batch_scope": "global",
          "train.optim.lr_scaling": "none", "train.metrics_push_url": "", "train.tensorboard": True,
-         "train.peak_tflops": 0.0}
+         "train.peak_tflops": 0.0, "tmgf.memory_layout": "auto",
+         "tmgf.knn_index": "flat", "tmgf.knn_nprobe": 16, "tmgf.knn_recall_floor": 0.99}
 """Keys new since the fixture, with the defaults that keep every experiment as it was: torch DDP, no
 gradient clipping (the papers'), the world-size-invariant global batch at the experiment's LR; the
 ZeRO stage applies only under ``train.strategy=deepspeed``. Observability: no Pushgateway, TensorBoard
-on (it changes no result), the MFU's peak from the GPU table or measured."""
+on (it changes no result), the MFU's peak from the GPU table or measured. TMGF's proxy memory: ``auto``
+(replicated on one process, as before; sharded on several ranks, with the same results). Clustering:
+exact (flat) k-NN search; the IVF settings apply only with ``tmgf.knn_index=ivf``."""
 
 
 def expected(case: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """One epoch of ``pat_smoke`` and of ``tmgf_smoke`` on 4 local ranks ends where one process ends, with
 the experiments' own randomness on (drop-path 0.1, augmentation, PAT's random regions): the global
 batch, per-sample augmentation and stochastic-depth seeds, the sharded PAT bank, the global BatchNorm
-and TMGF's clustering are the same whatever the number of ranks (``data.batch_scope=global``).
+and TMGF's clustering are the same whatever the number of ranks (``data.batch_scope=global``). At 4
+ranks TMGF's proxy memory is sharded (``tmgf.memory_layout=auto``) and its loss model-parallel, at 1
+replicated: the comparison covers the two layouts too.
 
 Tolerance (fp32): the ranks compute the same per-sample arithmetic on slices of the batch; what
 differs is the order of reductions (all-gathered losses, averaged gradients, BatchNorm statistics

@@ -509,6 +509,10 @@ TMGF_CLUSTER_FEATURES = ("global", "concat")
 TMGF_REDUCTIONS = ("mean", "camera_groups")
 KNN_BACKENDS = ("auto", "torch", "faiss")
 """``tmgf.knn_backend`` choices (``trainer.cluster.knn.exact_knn``)."""
+KNN_INDEXES = ("flat", "ivf")
+"""``tmgf.knn_index`` choices (``trainer.cluster.knn.search_knn``)."""
+TMGF_MEMORY_LAYOUTS = ("auto", "replicated", "sharded")
+"""``tmgf.memory_layout`` choices (``trainer.memory.proxy.resolve_layout``)."""
 
 
 @dataclass
@@ -533,6 +537,13 @@ class TMGFConfig(O2CAPLossConfig):
     """Shard the Jaccard/DBSCAN work over the ranks (same labels as one process); False: every rank alone."""
     knn_backend: str = "auto"
     """k-NN backend of the clustering: ``torch`` (blocked GEMM, CUDA or CPU), ``faiss`` or ``auto``."""
+    knn_index: str = "flat"
+    """k-NN search of the clustering (``docs/knn.md``): ``flat`` (exact) or ``ivf`` (faiss IVF index,
+    approximate, database sharded over the ranks; its recall is measured at every clustering)."""
+    knn_nprobe: int = 16
+    """IVF lists visited per query (``knn_index=ivf``): more is slower and closer to exact search."""
+    knn_recall_floor: float = 0.99
+    """``knn_index=ivf``: a measured recall@k1 below this logs a one-line warning to raise ``knn_nprobe``."""
     use_ground_truth: bool = False
     """The paper's "w/ GT" upper bound: proxies from the true training identities instead of DBSCAN."""
     momentum: float = 0.2
@@ -556,6 +567,11 @@ class TMGFConfig(O2CAPLossConfig):
     eval_clustering: bool = False
     """At every evaluation also cluster the training set and report #clusters and their agreement with
     the true identities (ARI/NMI; the labels are read for the report only)."""
+    memory_layout: str = "auto"
+    """Proxy memory across ranks (``docs/proxy_memory.md``): ``replicated`` (every rank holds all P proxies
+    and applies every update), ``sharded`` (each rank holds ~P/W proxies, the loss is computed
+    model-parallel; same loss, gradients and memory), or ``auto``: sharded when W > 1, replicated on one
+    process. A checkpoint resumes in either layout at any world size."""
 
     def _checks(self) -> list[Check]:
         return [c for c in super()._checks() if c[0] != "reduction"] + [
@@ -563,6 +579,12 @@ class TMGFConfig(O2CAPLossConfig):
             ("eps", 0.0 < self.eps < 1.0, "in (0, 1)"), ("min_samples", self.min_samples >= 1, ">= 1"),
             ("cluster_feature", self.cluster_feature in TMGF_CLUSTER_FEATURES, f"one of {TMGF_CLUSTER_FEATURES}"),
             ("knn_backend", self.knn_backend in KNN_BACKENDS, f"one of {KNN_BACKENDS}"),
+            ("knn_index", self.knn_index in KNN_INDEXES, f"one of {KNN_INDEXES}"),
+            ("knn_index", not (self.knn_index == "ivf" and self.knn_backend == "torch"),
+             "flat with tmgf.knn_backend=torch (the IVF index is faiss's: use knn_backend=auto or faiss)"),
+            ("knn_nprobe", self.knn_nprobe >= 1, ">= 1"),
+            ("knn_recall_floor", 0.0 <= self.knn_recall_floor <= 1.0, "in [0, 1]"),
+            ("memory_layout", self.memory_layout in TMGF_MEMORY_LAYOUTS, f"one of {TMGF_MEMORY_LAYOUTS}"),
             ("reduction", self.reduction in TMGF_REDUCTIONS, f"one of {TMGF_REDUCTIONS}"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
             ("iters_per_epoch", self.iters_per_epoch >= 1, ">= 1"),

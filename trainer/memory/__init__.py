@@ -1,6 +1,7 @@
 """Memories kept outside the model (fp32; DeepSpeed would cast module buffers): PAT's per-image part
-bank (sharded by rows across ranks) and TMGF's camera-aware proxy memory (replicated), and the
-global batch of a step that a memory write and the losses share (gathered once)."""
+bank (sharded by rows across ranks) and TMGF's camera-aware proxy memory (replicated, or sharded by
+proxies: ``tmgf.memory_layout``), and the global batch of a step that a memory write and the losses
+share (gathered once)."""
 
 from __future__ import annotations
 

@@ -10,15 +10,19 @@ At the start of every epoch (``docs/methods/tmgf.md`` §Epoch, §Clustering, §P
     sampler <- proxy labels                     class-uniform: 8 proxies x 4 images, 200 steps
 
 then per step: ``feats = model(img, camid)`` → ``tmgf_loss`` against the pre-update memory →
-optimizer step → ``memory.update`` with the all-gathered detached features (replicated memory,
-identical on every rank). The training labels are never read, except by the "w/ GT" variant
+optimizer step → ``memory.update`` with the all-gathered detached features. The memory is replicated
+(every rank holds all proxies) or, by default on several ranks, sharded by proxies
+(``tmgf.memory_layout``, ``docs/proxy_memory.md``): then the step gathers the global batch once, the
+loss is computed model-parallel (``tmgf_loss_sharded``) and each rank updates its own proxies from the
+same gathered batch. The training labels are never read, except by the "w/ GT" variant
 (``tmgf.use_ground_truth``) and by the clustering report (ARI/NMI against the truth).
 
 Resume: pseudo labels, proxies and memory travel in the checkpoint, the sampler's position in the
 engine's record of it (``epoch``, ``step_in_epoch``); a resume inside an epoch
 (``step_in_epoch > 0``) keeps them and does **not** re-cluster, so an interrupted run ends
 bit-identical to an uninterrupted one. A resume at an epoch boundary re-clusters like the
-uninterrupted run does at that point.
+uninterrupted run does at that point. The memory is saved whole (``ProxyMemory.full_state_dict``), so a
+run resumes at another world size and in the other layout.
 
 Cluster statistics: every re-clustering's numbers (``clusters``, ``outliers``, ``proxies``, and
 ``ari``/``nmi`` against the true identities, for the record only) are added to the logs of the
@@ -49,7 +53,7 @@ from trainer.cluster.proxies import CameraProxies, make_camera_proxies, proxy_ce
 from trainer.config import Config
 from trainer.data.loader import TrainLoader, build_train_loader
 from trainer.engine.method import Method, StepResult
-from trainer.losses.o2cap import ProxyTables, tmgf_loss
+from trainer.losses.o2cap import ProxyTables, tmgf_loss, tmgf_loss_sharded
 from trainer.memory.proxy import ProxyMemory
 from trainer.methods.common import evaluate_targets, extract, open_store, open_targets, transforms
 from trainer.models import build_model
@@ -201,7 +205,7 @@ class TMGFMethod(Method):
         # plain attributes of a duck-typed model: nn.Module's typing only knows submodules and tensors
         num_slots, feat_dim = cast(int, model.num_slots), cast(int, model.feat_dim)
         self.memory = ProxyMemory(int(num_slots), 0, int(feat_dim), momentum=self.t.momentum,
-                                  device=self.device)
+                                  device=self.device, layout=self.t.memory_layout)
         return model
 
     def steps_per_epoch(self) -> int:
@@ -275,9 +279,12 @@ class TMGFMethod(Method):
                                f"the {need} a step draws (tmgf.proxies_per_batch={self.t.proxies_per_batch}, "
                                f"data.batch_scope={self.cfg.data.batch_scope}): tune tmgf.eps (lower splits merged "
                                "clusters, higher admits outliers) and tmgf.min_samples")
-        centers = proxy_centers(feats.transpose(0, 1), proxies.proxy_labels, proxies.num_proxies)
         assert self.memory is not None, "build_model() creates the memory"
-        self.memory.init_from_centers(centers)
+        # only the centres of the proxies this rank holds (all of them when replicated)
+        start, stop = self.memory.range_for(proxies.num_proxies)
+        held = (proxies.proxy_labels >= start) & (proxies.proxy_labels < stop)
+        centers = proxy_centers(feats.transpose(0, 1), np.where(held, proxies.proxy_labels - start, -1), stop - start)
+        self.memory.init_from_centers(centers, proxies.num_proxies)
         self._install(labels, proxies, epoch)
         self.clusterings += 1
         stats = {"epoch": epoch, **clustering_stats(labels, proxies, self.train_store.pid),
@@ -307,13 +314,24 @@ class TMGFMethod(Method):
         assert self.memory is not None and self.tables is not None and self.proxy_of is not None
         feats = model(batch["img"], batch["camid"])  # [B, S, D]
         proxy_ids = self.proxy_of[batch["index"]]
-        out = tmgf_loss(feats, self.memory.memory, proxy_ids, self.tables, self.loss_cfg)
+        if self.memory.sharded:
+            # the global batch, gathered once: the model-parallel loss (each rank's gradient returns
+            # to it through the gather) and then the memory update read it
+            feats, proxy_ids = dist.all_gather_autograd(feats), dist.all_gather(proxy_ids)
+            out = tmgf_loss_sharded(feats, proxy_ids, self.memory.memory, self.memory.start, self.tables,
+                                    self.loss_cfg)
+        else:
+            out = tmgf_loss(feats, self.memory.memory, proxy_ids, self.tables, self.loss_cfg)
         logs = {k: float(out[k]) for k in ("global_off", "global_on", "part_off", "part_on")}
-        return StepResult(out["loss"], logs, extras={"features": feats.detach(), "proxy_ids": proxy_ids})
+        return StepResult(out["loss"], logs, extras={"features": feats.detach(), "proxy_ids": proxy_ids,
+                                                     "gathered": self.memory.sharded})
 
     def after_optimizer_step(self, model: nn.Module, batch: dict[str, torch.Tensor], result: StepResult) -> None:
         assert self.memory is not None
-        self.memory.update(result.extras["features"], result.extras["proxy_ids"])
+        if result.extras.get("gathered"):
+            self.memory.update_gathered(result.extras["features"], result.extras["proxy_ids"])
+        else:
+            self.memory.update(result.extras["features"], result.extras["proxy_ids"])
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> dict[str, dict[str, float]]:
@@ -331,13 +349,14 @@ class TMGFMethod(Method):
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Collective (the sharded memory is consolidated); rank 0's is the one saved."""
         if self.proxies is None or self.memory is None or self.loader is None or self.labels is None:
             return {"epoch_of_labels": -1, "history": list(self.history)}
         return {
             "epoch_of_labels": self.epoch_of_labels,
             "labels": torch.from_numpy(self.labels.copy()),
             "proxies": {k: torch.from_numpy(v) for k, v in self.proxies.state_dict().items()},
-            "memory": self.memory.state_dict(),
+            "memory": self.memory.full_state_dict(),  # the whole memory: any world size, either layout
             "history": list(self.history),
         }
 
@@ -351,7 +370,7 @@ class TMGFMethod(Method):
             raise ValueError(f"TMGF checkpoint: pseudo labels for {labels.shape[0]} images, the training set has {n}")
         proxies = CameraProxies.from_state_dict({k: v.numpy() for k, v in state["proxies"].items()})
         assert self.memory is not None, "build_model() runs before load_state_dict()"
-        self.memory.load_state_dict(state["memory"])
+        self.memory.load_full_state_dict(state["memory"])
         if self.memory.num_proxies != proxies.num_proxies:
             raise ValueError(f"TMGF checkpoint: memory has {self.memory.num_proxies} proxies, tables "
                              f"{proxies.num_proxies}")
