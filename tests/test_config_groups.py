@@ -35,13 +35,19 @@ size, which the transforms took from ``model.img_size``, now sits in ``data.tran
 ADDED = {"train.strategy": "ddp", "train.zero_stage": 2, "train.clip_grad": 0.0, "data.batch_scope": "global",
          "train.optim.lr_scaling": "none", "train.metrics_push_url": "", "train.tensorboard": True,
          "train.peak_tflops": 0.0, "tmgf.memory_layout": "auto",
-         "tmgf.knn_index": "flat", "tmgf.knn_nprobe": 16, "tmgf.knn_recall_floor": 0.99}
+         "tmgf.knn_index": "flat", "tmgf.knn_nprobe": 16, "tmgf.knn_recall_floor": 0.99,
+         "data.pipeline": "per_image"}
 """Keys new since the fixture, with the defaults that keep every experiment as it was: torch DDP, no
 gradient clipping (the papers'), the world-size-invariant global batch at the experiment's LR; the
 ZeRO stage applies only under ``train.strategy=deepspeed``. Observability: no Pushgateway, TensorBoard
 on (it changes no result), the MFU's peak from the GPU table or measured. TMGF's proxy memory: ``auto``
 (replicated on one process, as before; sharded on several ranks, with the same results). Clustering:
-exact (flat) k-NN search; the IVF settings apply only with ``tmgf.knn_index=ivf``."""
+exact (flat) k-NN search; the IVF settings apply only with ``tmgf.knn_index=ivf``. Input pipeline: per image
+(the smoke and demo runs on synthetic data); the experiments on real datasets use :data:`REAL_DATA_PIPELINE`."""
+
+REAL_DATA_PIPELINE = "decoded"
+"""``data.pipeline`` of every experiment on real datasets (pat_market, tmgf_market and those built on them): the
+decoded store, whose batches are the per-image path's tensors (tests/test_decoded_store.py), made faster."""
 
 
 def expected(case: str) -> dict[str, Any]:
@@ -49,6 +55,8 @@ def expected(case: str) -> dict[str, Any]:
     want = {RENAMED.get(k, k): v for k, v in old.items()}
     want.update({new: old[src] for new, src in DERIVED.items()})
     want.update(ADDED)
+    if not any(k.startswith("data.synthetic.") for k in old):  # no synthetic source: real datasets
+        want["data.pipeline"] = REAL_DATA_PIPELINE
     return want
 
 

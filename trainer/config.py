@@ -313,6 +313,8 @@ BATCH_SCOPES = ("global", "per_rank")
 DATA_STORES = ("memory", "wids")
 """``data.store`` choices (``trainer.data.store.STORES``: ``memory`` maps the shards, one page-cache copy per
 node; ``wids`` reads by index from the tars)."""
+DATA_PIPELINES = ("per_image", "decoded", "gpu_decode")
+"""``data.pipeline`` choices (``trainer.data.decoded.PIPELINES``; docs/input_pipeline.md)."""
 
 
 @dataclass
@@ -343,6 +345,14 @@ class DataConfig:
     store: str = "memory"
     """``memory`` (the default: encoded bytes in RAM, the shards memory-mapped, so the page cache holds one copy
     per node shared by its ranks and DataLoader workers) or ``wids`` (indexed reads from the tar shards)."""
+    pipeline: str = "per_image"
+    """How training batches are made (docs/input_pipeline.md); the augmented tensors are the same on every path.
+    ``per_image``: decode, resize and augment each image in the DataLoader workers (PIL), as the papers' code.
+    ``decoded``: decode + resize once per pack and size into a uint8 array next to the shards (built on first use,
+    ``N·3·H·W`` bytes; memory-mapped, one page-cache copy per node), then augment whole batches: in the workers
+    on a CPU run, on the GPU on a GPU run; the fast choice whenever the decoded train split fits the disk.
+    ``gpu_decode``: JPEG bytes decoded on the GPU in batches (nvJPEG), then the same batched augmentation; for
+    sets too large to keep decoded (needs CUDA). Evaluation splits are read per image on every path."""
     synthetic: dict[str, SynthSourceConfig] = field(default_factory=dict)
     """Synthetic datasets by name; a source/target with such a name is generated and packed under ``cache_dir``."""
     cache_dir: str = ".cache/reid"
@@ -357,6 +367,7 @@ class DataConfig:
             ("images_per_id", self.images_per_id > 0, "> 0"),
             ("num_workers", self.num_workers >= 0, ">= 0 (0: load in the training process)"),
             ("store", self.store in DATA_STORES, f"one of {DATA_STORES}"),
+            ("pipeline", self.pipeline in DATA_PIPELINES, f"one of {DATA_PIPELINES}"),
             ("batch_scope", self.batch_scope in BATCH_SCOPES, f"one of {BATCH_SCOPES}"),
             ("cache_dir", bool(self.cache_dir), "the folder for synthetic datasets"),
         ]

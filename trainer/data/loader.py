@@ -1,6 +1,15 @@
 """DataLoader builders with the batch contract: a train loader over P×K batches, an exact-once inference loader.
 
 Batches are dicts: ``img`` float32 B×3×H×W, ``pid``, ``camid``, ``domain``, ``index`` int64 (B,).
+
+The store picks how a batch is made (``data.pipeline``, :mod:`trainer.data.decoded`): image by image
+(:class:`ReIDDataset`: decode + transform per sample, then collate), or whole batches from a decoded
+store (:class:`~trainer.data.decoded.DecodedBatches`: pixels out of the page cache, batched
+augmentation) or from JPEG bytes decoded on the device (:class:`~trainer.data.decoded.JpegBatches`).
+A training batch whose device is a GPU is augmented there: the workers hand over uint8 pixels (or
+JPEG bytes) and the parameters drawn from the per-sample seeds, and the loader finishes the batch on
+the device as it hands it over (:func:`~trainer.data.decoded.finish`). The augmented tensors are the
+same on every path.
 """
 
 from __future__ import annotations
@@ -14,12 +23,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from trainer import dist
+from trainer.data.augment import BatchAugment
 from trainer.data.catalogue import SampleIndex
 from trainer.data.dataset import ReIDDataset, sample_seeds
+from trainer.data.decoded import (
+    DecodedBatches,
+    DecodedSampleStore,
+    DeviceDecodeStore,
+    Finished,
+    JpegBatches,
+    as_batch,
+    finish,
+)
 from trainer.data.samplers import InferenceSampler, PKSampler
+from trainer.data.transforms import Pipeline
 
 
 class SeededBatchSampler:
@@ -117,14 +137,17 @@ class TrainLoader:
     delegate to the sampler.
     """
 
-    def __init__(self, loader: DataLoader, sampler: PKSampler) -> None:
+    def __init__(self, loader: DataLoader, sampler: PKSampler,
+                 finisher: tuple[BatchAugment, torch.device] | None = None) -> None:
         self.loader = loader
         self.sampler = sampler
+        self.finisher = finisher
+        """(augmentation, device) that finish the workers' deferred batches; None: they come finished."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.loader:
             self.sampler.advance(1)
-            yield batch
+            yield batch if self.finisher is None else finish(batch, *self.finisher)
 
     def __len__(self) -> int:
         """Steps per epoch."""
@@ -152,8 +175,8 @@ class TrainLoader:
         self.sampler.load_state_dict(state)
 
     @property
-    def dataset(self) -> ReIDDataset:
-        return self.loader.dataset  # type: ignore[return-value]
+    def dataset(self) -> Dataset:
+        return self.loader.dataset
 
 
 def _own_generator(seed: int) -> torch.Generator:
@@ -173,48 +196,74 @@ def _loader_kwargs(num_workers: int, pin_memory: bool | None, prefetch_factor: i
     return kw
 
 
+def _dataset(store: SampleIndex, transform: Callable[..., torch.Tensor],
+             defer: bool) -> tuple[Dataset, BatchAugment | None]:
+    """The dataset serving ``store`` through ``transform``, and the augmentation that finishes its batches
+    on the device (None: the workers hand over finished batches). ``defer``: augment on the device (a
+    decoded store's batches; a device-decode store's always are)."""
+    if isinstance(store, (DecodedSampleStore, DeviceDecodeStore)):
+        if not isinstance(transform, Pipeline):
+            raise TypeError(f"data.pipeline with a {type(store).__name__}: the transform must be a Pipeline "
+                            f"(build_transforms), got {type(transform).__name__}")
+        augment = BatchAugment.from_pipeline(transform)
+        if isinstance(store, DeviceDecodeStore):
+            return JpegBatches(store, augment), augment
+        return DecodedBatches(store, augment, defer=defer), augment if defer else None
+    return ReIDDataset(store, transform), None
+
+
 def build_train_loader(store: SampleIndex, transform: Callable[..., torch.Tensor], P: int, K: int, seed: int,
                        num_workers: int = 4, steps_per_epoch: int | None = None, pids: Any = None,
                        rank: int | None = None, world_size: int | None = None, pin_memory: bool | None = None,
                        prefetch_factor: int | None = None, persistent_workers: bool = False,
-                       policy: str = "identity") -> TrainLoader:
+                       policy: str = "identity", device: torch.device | str | None = None) -> TrainLoader:
     """A :class:`TrainLoader` of this rank's P/W × K local batches (rank/world from ``trainer.dist``).
 
     ``pids`` overrides the store's labels (TMGF pseudo labels; ``< 0`` never sampled); ``policy``
     picks the pass semantics (``identity``: PAT's RandomIdentitySampler; ``class_uniform``: TMGF's
     proxy sampler, with ``steps_per_epoch=200``).
     Augmentation is seeded per sample, so ``persistent_workers`` does not change results; it is
-    off by default so the per-epoch worker seeding of foreign transforms takes effect.
+    off by default so the per-epoch worker seeding of foreign transforms takes effect. ``device``: where
+    training runs (default ``trainer.dist.info().device``); a decoded store's batches are augmented
+    there when it is a GPU.
     """
     labels = store.pid if pids is None else np.asarray(pids)
     sampler = PKSampler(labels, P, K, seed=seed, world_size=world_size, rank=rank, steps_per_epoch=steps_per_epoch,
                         policy=policy)
+    dev = dist.info().device if device is None else torch.device(device)
+    dataset, augment = _dataset(store, transform, defer=dev.type != "cpu")
     loader = DataLoader(
-        ReIDDataset(store, transform),
+        dataset,
         batch_sampler=SeededBatchSampler(sampler),
+        collate_fn=None if isinstance(dataset, ReIDDataset) else as_batch,
         worker_init_fn=_WorkerSeeder(seed, sampler),
         generator=_own_generator(seed),
         persistent_workers=persistent_workers and num_workers > 0,
         **_loader_kwargs(num_workers, pin_memory, prefetch_factor),
     )
-    return TrainLoader(loader, sampler)
+    return TrainLoader(loader, sampler, None if augment is None else (augment, dev))
 
 
 def build_inference_loader(store: SampleIndex, transform: Callable[..., torch.Tensor], batch_size: int,
                            num_workers: int = 4, rank: int | None = None, world_size: int | None = None,
-                           pin_memory: bool | None = None, seed: int = 0) -> DataLoader:
+                           pin_memory: bool | None = None, seed: int = 0,
+                           device: torch.device | str | None = None) -> DataLoader | Finished:
     """This rank's contiguous exact-once slice (``dist.shard_range``), in index order, last batch kept.
 
     Ranks get unequal counts when ``len(store)`` is not divisible by the world size: gather with
     ``dist.all_gather_variable`` and key by ``index``. A random ``transform`` (a train pipeline
     used for an inference pass) is seeded per sample from (``seed``, index): the pass gives the
-    same tensors for any world size and number of workers.
+    same tensors for any world size and number of workers. A decoded store's batches are augmented in
+    the workers (CPU); a device-decode store's are decoded and augmented on ``device`` (default
+    ``trainer.dist.info().device``) as they are handed over.
     """
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
-    return DataLoader(
-        ReIDDataset(store, transform),
+    dataset, augment = _dataset(store, transform, defer=False)
+    loader = DataLoader(
+        dataset,
         sampler=_SeededIndices(InferenceSampler(len(store), rank, world_size), seed),
+        collate_fn=None if isinstance(dataset, ReIDDataset) else as_batch,
         batch_size=batch_size,
         shuffle=False,
         drop_last=False,
@@ -222,6 +271,9 @@ def build_inference_loader(store: SampleIndex, transform: Callable[..., torch.Te
         worker_init_fn=survive_foreign_sigterm,
         **_loader_kwargs(num_workers, pin_memory, None),
     )
+    if augment is None:
+        return loader
+    return Finished(loader, augment, dist.info().device if device is None else torch.device(device))
 
 
 __all__ = ["SeededBatchSampler", "TrainLoader", "build_train_loader", "build_inference_loader"]

@@ -439,9 +439,12 @@ def _kb_fields(lines: Iterable[str]) -> dict[str, int]:
 
 
 def shard_files(store: SampleIndex) -> set[str]:
-    """The files the store maps (as ``/proc/*/smaps`` names them: resolved paths); none for :class:`SampleStore`."""
-    if isinstance(store, MappedSampleStore):
-        return {f.path for f in store.files}
+    """The files the store maps (as ``/proc/*/smaps`` names them: resolved paths); none for :class:`SampleStore`.
+
+    A decoded store (:mod:`trainer.data.decoded`) lists its decoded arrays as :class:`ShardFile` too."""
+    files = getattr(store, "files", None)
+    if isinstance(files, list) and all(isinstance(f, ShardFile) for f in files):
+        return {f.path for f in files}
     if isinstance(store, WidsSampleStore):
         return {os.path.realpath(s["local"]) for s in store.shards}
     return set()

@@ -42,10 +42,15 @@ class AugRNG:
     @classmethod
     def from_seed(cls, seed: int) -> AugRNG:
         """Both sources from one 64-bit seed (independent streams via numpy's SeedSequence)."""
+        return cls(torch.Generator(), random.Random()).reseed(seed)
+
+    def reseed(self, seed: int) -> AugRNG:
+        """Both sources put in the state :meth:`from_seed` gives them (reusing the objects: the batched path
+        draws sample after sample without making new generators)."""
         a, b = np.random.SeedSequence(int(seed) & ((1 << 64) - 1)).generate_state(2, dtype=np.uint64)
-        g = torch.Generator()
-        g.manual_seed(int(a) & ((1 << 63) - 1))
-        return cls(g, random.Random(int(b)))
+        self.torch.manual_seed(int(a) & ((1 << 63) - 1))
+        self.py.seed(int(b))
+        return self
 
 
 def pat_config(size: tuple[int, int] = (256, 128), lgt_p: float = 0.5) -> TransformConfig:
@@ -82,8 +87,12 @@ class RandomHorizontalFlip:
     def __init__(self, p: float) -> None:
         self.p = p
 
+    def draw(self, rng: AugRNG) -> bool:
+        """Whether this sample is flipped (the batched path draws through here too)."""
+        return bool(torch.rand(1, generator=rng.torch).item() < self.p)
+
     def __call__(self, img: Image.Image, rng: AugRNG) -> Image.Image:
-        if torch.rand(1, generator=rng.torch).item() < self.p:
+        if self.draw(rng):
             return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img
 
@@ -99,16 +108,22 @@ class PadRandomCrop:
         self.size = size
         self.pad = pad
 
-    def __call__(self, img: Image.Image, rng: AugRNG) -> Image.Image:
+    def draw(self, width: int, height: int, rng: AugRNG) -> tuple[int, int]:
+        """The crop's (top, left) in the padded image of an input ``width`` × ``height``."""
         th, tw = self.size
-        w, h = img.size
-        padded = Image.new(img.mode, (w + 2 * self.pad, h + 2 * self.pad), 0)
-        padded.paste(img, (self.pad, self.pad))
-        ph, pw = h + 2 * self.pad, w + 2 * self.pad
+        ph, pw = height + 2 * self.pad, width + 2 * self.pad
         if ph < th or pw < tw:
             raise ValueError(f"PadRandomCrop: padded image {pw}x{ph} is smaller than the crop {tw}x{th}")
         top = int(torch.randint(0, ph - th + 1, size=(1,), generator=rng.torch).item())
         left = int(torch.randint(0, pw - tw + 1, size=(1,), generator=rng.torch).item())
+        return top, left
+
+    def __call__(self, img: Image.Image, rng: AugRNG) -> Image.Image:
+        th, tw = self.size
+        w, h = img.size
+        top, left = self.draw(w, h, rng)
+        padded = Image.new(img.mode, (w + 2 * self.pad, h + 2 * self.pad), 0)
+        padded.paste(img, (self.pad, self.pad))
         return padded.crop((left, top, left + tw, top + th))
 
 
@@ -181,11 +196,10 @@ class RandomErasing:
         self.p, self.sl, self.sh, self.r1 = p, sl, sh, r1
         self.fill = torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1)
 
-    def __call__(self, x: torch.Tensor, rng: AugRNG) -> torch.Tensor:
-        r = rng.py
+    def rectangle(self, height: int, width: int, r: random.Random) -> tuple[int, int, int, int] | None:
+        """The drawn (top, left, h, w), or None when skipped / no attempt fits; consumes ``r`` as the reference."""
         if r.uniform(0, 1) >= self.p:
-            return x
-        _, height, width = x.shape
+            return None
         for _ in range(100):
             target = r.uniform(self.sl, self.sh) * height * width
             aspect = r.uniform(self.r1, 1 / self.r1)
@@ -194,8 +208,14 @@ class RandomErasing:
             if w < width and h < height:
                 top = r.randint(0, height - h)
                 left = r.randint(0, width - w)
-                x[:, top : top + h, left : left + w] = self.fill.to(x.dtype)
-                return x
+                return top, left, h, w
+        return None
+
+    def __call__(self, x: torch.Tensor, rng: AugRNG) -> torch.Tensor:
+        rect = self.rectangle(x.shape[1], x.shape[2], rng.py)
+        if rect is not None:
+            top, left, h, w = rect
+            x[:, top : top + h, left : left + w] = self.fill.to(x.dtype)
         return x
 
 

@@ -15,9 +15,9 @@ from torch import nn
 from trainer import dist
 from trainer.config import Config
 from trainer.data.catalogue import SampleIndex
+from trainer.data.decoded import open_pipeline_split
 from trainer.data.loader import build_inference_loader
 from trainer.data.prepare import dataset_dir
-from trainer.data.store import open_split
 from trainer.data.transforms import Pipeline, build_transforms
 from trainer.evaluation.extract import extract_features
 from trainer.evaluation.rank import evaluate_features
@@ -25,7 +25,9 @@ from trainer.evaluation.rank import evaluate_features
 
 def open_store(cfg: Config, names: list[str], split: str, relabel: bool) -> SampleIndex:
     roots = [dataset_dir(cfg.data, n) for n in names]
-    return open_split(cfg.data.store, roots, split, relabel=relabel)
+    pipeline = cfg.data.pipeline if split == "train" else "per_image"  # data.pipeline makes training batches
+    return open_pipeline_split(cfg.data.store, roots, split, relabel=relabel, pipeline=pipeline,
+                               size=cfg.data.transform.size)
 
 
 def transforms(cfg: Config, train: bool) -> Pipeline:
