@@ -1,4 +1,4 @@
-"""Exact k-nearest neighbours (squared L2) for the clustering step, without an N x N matrix.
+"""k-nearest neighbours (squared L2) for the clustering step, without an N x N matrix.
 
 Exactness is defined on *snapped* features (:func:`snap_features`): every coordinate is put on a
 grid of step ``2**-b`` chosen so that every inner product, norm and squared distance is an integer
@@ -7,27 +7,59 @@ multiple of ``2**-2b`` below ``2**52`` — exactly representable in float64, so 
 the float32 noise of the official faiss search; in return the k-NN lists, and every similarity used
 later, are unique and reproducible: ties are broken by the lower index.
 
-Search: a fast float32 pass (torch blocked GEMM, CPU or CUDA, or faiss) returns ``k + extra``
-candidates per row with a proven error bound ``delta`` on every approximate key (the float32 dot
-product error is at most ``gamma_d * |x| |y|``, ``gamma_d = d u / (1 - d u)``, ``u = 2**-24``). If
-the k-th smallest approximate key is ``t``, every true top-k member has an approximate key
-``<= t + 2 delta`` (at least k points have a true key ``<= t + delta``). Rows whose approximate order is
-not separated by more than ``2 delta`` are re-scored exactly in float64; rows whose window extends
-past the kept candidates are solved exactly against all points.
+Entry point: :func:`search_knn` (``index="flat"``: exact, :func:`exact_knn`; ``index="ivf"``: a faiss
+IVF index, approximate, with its recall measured by :func:`knn_recall`). ``docs/knn.md`` says which to
+pick.
+
+**Flat, fp32** (:func:`exact_knn`): a fast float32 pass (torch blocked GEMM, CPU or CUDA, or faiss)
+returns ``k + extra`` candidates per row with a proven error bound ``delta`` on every approximate key
+(the float32 dot product error is at most ``gamma_d * |x| |y|``, ``gamma_d = d u / (1 - d u)``,
+``u = 2**-24``). If the k-th smallest approximate key is ``t``, every true top-k member has an
+approximate key ``<= t + 2 delta`` (at least k points have a true key ``<= t + delta``). Rows whose
+approximate order is not separated by more than ``2 delta`` are re-scored exactly in float64; rows
+whose window extends past the kept candidates are solved exactly against all points.
+
+**Flat, bf16 candidates** (``precision="bf16"``, chosen by ``"auto"`` on CUDA and on CPUs with
+avx512_bf16/AMX): the GEMM runs on bf16 copies of the features (2.3x the fp32 rate on this
+avx512_bf16 CPU), keeps ``k + margin + 1`` candidates per row, and the kept ones are re-scored exactly
+(float64 on the snapped features: the same keys, hence the same lists and tie order, as the fp32
+path). A row is accepted only when its exact k-th score beats the bf16 bound on every point left out
+(:func:`_bf16_bound`); the others are searched again by the fp32 path, so the lists are identical to
+fp32 exact search on every input.
+
+**IVF** (:func:`search_knn` with ``index="ivf"``): see :func:`_search_ivf`. The lists are the exact
+top-k of the points in the probed lists (a per-row definition, so they do not depend on the number of
+ranks); recall against exact search is what ``nprobe`` buys.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Literal
+import re
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from trainer import dist
+
 Backend = Literal["auto", "torch", "faiss"]
+Precision = Literal["auto", "fp32", "bf16"]
+Index = Literal["flat", "ivf"]
 _U32 = 2.0**-24  # unit roundoff of float32
+_UBF16 = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand, round to nearest)
 _SAFETY = 2.0  # multiplies the proven bound: headroom for the few roundings it does not itemise
+_BF16_MIN_PAIRS = 1 << 26  # "auto" on CPU: below ~8k x 8k scores the bf16 pass saves nothing worth its setup
+IVF_TRAIN_PER_LIST = 32
+"""k-means training sample of the IVF quantizer: this many points per list (seeded choice of rows)."""
+IVF_KMEANS_ITERS = 10
+"""k-means iterations of the IVF quantizer (faiss ``Kmeans``)."""
+IVF_SEED = 1234
+"""Seed of the IVF training sample and of faiss's k-means initialisation."""
 
 
 def snap_features(features: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -63,6 +95,36 @@ def snap_features(features: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray((q * 2.0**-b).astype(np.float32))
 
 
+def _grid_ok(q: float, d: int) -> bool:
+    """The snap's exactness conditions for a largest grid value ``q`` (integer arithmetic when exact)."""
+    if q > 2.0**24:
+        return False
+    return d * int(q) * int(q) <= 2**50 if q.is_integer() else d * q * q <= 2.0**50
+
+
+def _snap_like(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``y`` snapped onto a grid on which products with the snapped ``x`` stay exact in float64.
+
+    ``x``'s own step ``2**-b`` satisfies the snap's conditions for ``amax = max|x|`` (its largest
+    grid value is ``amax * 2**b``), so the finest step ``2**-b'`` that still satisfies them has
+    ``b' >= b``: ``x`` lies on it. ``y`` is rounded to that grid and clipped to ``[-amax, amax]``,
+    so every sum of products of the two, and every norm, stays an integer multiple of ``2**-2b'``
+    below ``2**52``.
+    """
+    d = x.shape[1]
+    amax = float(np.abs(x).max())
+    if amax == 0.0:
+        return np.zeros(y.shape, np.float32)
+    b = math.floor(math.log2(min(2.0**24, math.sqrt(2.0**50 / d)) / amax))
+    while _grid_ok(amax * 2.0 ** (b + 1), d):
+        b += 1
+    while not _grid_ok(amax * 2.0**b, d):
+        b -= 1
+    qmax = math.floor(amax * 2.0**b)
+    q = np.clip(np.rint(y.astype(np.float64) * 2.0**b), -qmax, qmax)
+    return np.ascontiguousarray((q * 2.0**-b).astype(np.float32))
+
+
 def exact_sqdist(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, norms: np.ndarray,
                  chunk: int = 1024) -> np.ndarray:
     """Exact squared distances ``|x_r - x_c|^2`` (float64) for paired index arrays (snapped ``x``)."""
@@ -75,11 +137,16 @@ def exact_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1
     Exact whatever the summation order, so the cheapest kernel wins: small cache-resident chunks,
     converted to float64 on the fly (no float64 copy of the whole matrix).
     """
-    out = np.empty(len(rows), np.float64)
-    for s in range(0, len(rows), chunk):
-        a = x[rows[s : s + chunk]].astype(np.float64)
-        b = x[cols[s : s + chunk]].astype(np.float64)
-        out[s : s + chunk] = np.einsum("nd,nd->n", a, b)
+    return _dots2(x, rows, x, cols, chunk)
+
+
+def _dots2(a: np.ndarray, ia: np.ndarray, b: np.ndarray, ib: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Exact ``<a_ia, b_ib>`` (float64) for paired index arrays; ``a`` and ``b`` on a common snap grid."""
+    out = np.empty(len(ia), np.float64)
+    for s in range(0, len(ia), chunk):
+        u = a[ia[s : s + chunk]].astype(np.float64)
+        v = b[ib[s : s + chunk]].astype(np.float64)
+        out[s : s + chunk] = np.einsum("nd,nd->n", u, v)
     return out
 
 
@@ -92,21 +159,29 @@ def exact_norms(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
     return out
 
 
-def _topk_exact_rows(x: np.ndarray, norms: np.ndarray, rows: np.ndarray, k: int,
-                     chunk: int = 256) -> np.ndarray:
-    """Exact top-k (smallest squared distance, lower index first on ties) of ``rows`` against all points."""
-    x64 = x.astype(np.float64)  # rare fallback: a float64 copy is fine here
-    out = np.empty((len(rows), k), np.int64)
-    for s in range(0, len(rows), chunk):
-        r = rows[s : s + chunk]
-        keys = norms[None, :] - 2.0 * (x64[r] @ x64.T)  # |x_r|^2 is constant per row: ordering only
-        keys += norms[r][:, None]
-        kth = np.partition(keys, k - 1, axis=1)[:, k - 1 : k]
-        for t in range(len(r)):
-            cand = np.flatnonzero(keys[t] <= kth[t, 0])
-            order = np.lexsort((cand, keys[t, cand]))
-            out[s + t] = cand[order[:k]]
-    return out
+def _topk_exact_vs(q: np.ndarray, y: np.ndarray, yn: np.ndarray, k: int, cols: int = 32768,
+                   rows: int = 256) -> np.ndarray:
+    """Exact top-k of the queries ``q`` against every point of ``y`` (smallest squared distance, lower
+    index first on ties), in float64 column blocks (exact on a common snap grid). For the rare rows
+    the fast passes cannot settle: no float64 copy of ``y`` is made."""
+    m, n = len(q), len(y)
+    best_key = np.full((m, k), np.inf)
+    best_id = np.full((m, k), n, np.int64)  # sentinel id beyond every real one
+    qa = q.astype(np.float64)
+    for c0 in range(0, n, cols):
+        c1 = min(n, c0 + cols)
+        yb = y[c0:c1].astype(np.float64)
+        kk = min(k, c1 - c0)
+        for r0 in range(0, m, rows):
+            keys = yn[None, c0:c1] - 2.0 * (qa[r0 : r0 + rows] @ yb.T)  # |q|^2 is constant per row: ordering only
+            kth = np.partition(keys, kk - 1, axis=1)[:, kk - 1]
+            for t in range(keys.shape[0]):
+                cand = np.flatnonzero(keys[t] <= kth[t])
+                ak = np.concatenate([best_key[r0 + t], keys[t, cand]])
+                ai = np.concatenate([best_id[r0 + t], cand + c0])
+                o = np.lexsort((ai, ak))[:k]
+                best_key[r0 + t], best_id[r0 + t] = ak[o], ai[o]
+    return best_id
 
 
 def _gamma(d: int) -> float:
@@ -114,7 +189,7 @@ def _gamma(d: int) -> float:
 
 
 @contextlib.contextmanager
-def _one_thread(device: torch.device):
+def _one_thread(device: torch.device) -> Iterator[None]:
     """Run the top-k bookkeeping single-threaded on CPU: its many small ops pay more in OpenMP
     fork/join (badly so on a busy host) than they gain; the GEMMs keep every thread."""
     if device.type != "cpu":
@@ -128,8 +203,38 @@ def _one_thread(device: torch.device):
         torch.set_num_threads(prev)
 
 
+@contextlib.contextmanager
+def _exact_matmul() -> Iterator[None]:
+    """No TF32 for float32 GEMMs and no reduced-precision reduction for bf16 ones: both would void
+    the error bounds."""
+    prev = torch.get_float32_matmul_precision()
+    prev_bf16 = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = prev_bf16
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T``. For bf16 inputs the products are accumulated in fp32; CUDA returns the fp32
+    accumulator, the CPU kernels round it once to bf16 (both inside :func:`_bf16_bound`) and the result
+    stays bf16: :class:`_TopK` reads it at half the bytes."""
+    if a.dtype == torch.bfloat16 and a.device.type == "cuda":
+        return torch.mm(a, b.T, out_dtype=torch.float32)
+    return a @ b.T
+
+
 def _chunks(a: int, b: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(b, s + size)) for s in range(a, b, size)]
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class _TopK:
@@ -143,6 +248,7 @@ class _TopK:
 
     def set_dense(self, r0: int, scores: torch.Tensor, c0: int) -> None:
         v, i = torch.topk(scores, min(self.kk, scores.shape[1]), dim=1)
+        v = v.float()
         r1 = r0 + scores.shape[0]
         self.val[r0:r1, : v.shape[1]] = v
         self.idx[r0:r1, : v.shape[1]] = i + c0
@@ -162,7 +268,8 @@ class _TopK:
         """Offer the block ``s``: rows ``r0 + a`` and columns ``c0 + b`` (``transposed``: the rows of
         ``s`` are the columns and vice versa). Only entries beating the row thresholds are merged;
         a max-reduction first skips the rows with nothing to offer (most of them, once the
-        thresholds are tight)."""
+        thresholds are tight). A bf16 block is read as it is (half the bytes) and only the rows
+        with hits are converted to float32 (exactly)."""
         nrow = s.shape[1] if transposed else s.shape[0]
         thr = self.thr[r0 : r0 + nrow]
         best = s.amax(0) if transposed else s.amax(1)
@@ -170,14 +277,14 @@ class _TopK:
         if hit.numel() == 0:
             return
         if transposed:
-            sub = s.index_select(1, hit)
+            sub = s.index_select(1, hit).float()
             ci, rj = torch.nonzero(sub > thr.index_select(0, hit)[None, :], as_tuple=True)
             vals = sub[ci, rj]
             o = torch.argsort(rj, stable=True)  # group by row
             rj, ci, vals = rj[o], ci[o], vals[o]
             sub = sub.T
         else:
-            sub = s.index_select(0, hit)
+            sub = s.index_select(0, hit).float()
             rj, ci = torch.nonzero(sub > thr.index_select(0, hit)[:, None], as_tuple=True)  # row-major
             vals = sub[rj, ci]
         heavy_mask = torch.bincount(rj, minlength=len(hit)) > 2 * self.kk
@@ -208,42 +315,48 @@ class _TopK:
 def _locality_order(xt: torch.Tensor, cell: int = 256, iters: int = 4, block: int = 8192) -> torch.Tensor:
     """A permutation that puts similar points next to each other (a few k-means steps, cells of
     ~``cell`` points, sorted by cell). Only a speed device: it makes a block's own top-k nearly final,
-    so the thresholds are tight from the start; exactness never depends on it."""
+    so the thresholds are tight from the start; exactness never depends on it. Runs in ``xt``'s dtype
+    (bf16 for the bf16 pass), the centroid sums in float32."""
     n = xt.shape[0]
     k = max(1, n // cell)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    cent = xt[torch.randperm(n, generator=gen)[:k].to(xt.device)].clone()
+    cent = xt[torch.randperm(n, generator=gen)[:k].to(xt.device)].float()
     assign = torch.empty(n, dtype=torch.int64, device=xt.device)
     for it in range(iters + 1):
-        half = (cent * cent).sum(1) / 2
+        half = ((cent * cent).sum(1) / 2).to(xt.dtype)
+        c = cent.to(xt.dtype)
         for s in range(0, n, block):
-            assign[s : s + block] = torch.addmm(half, xt[s : s + block], cent.T, beta=-1).argmax(1)
+            assign[s : s + block] = torch.addmm(half, xt[s : s + block], c.T, beta=-1).argmax(1)
         if it == iters:
             break
-        cnt = torch.bincount(assign, minlength=k).clamp_(min=1).unsqueeze(1).to(xt.dtype)
-        cent = torch.zeros_like(cent).index_add_(0, assign, xt) / cnt
+        cnt = torch.bincount(assign, minlength=k).clamp_(min=1).unsqueeze(1).float()
+        acc = torch.zeros_like(cent)
+        for s in range(0, n, block):
+            acc.index_add_(0, assign[s : s + block], xt[s : s + block].float())
+        cent = acc / cnt
     return torch.argsort(assign, stable=True)
 
 
-def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
-                  device: torch.device, block: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int, device: torch.device,
+                  block: int, low: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
     """Approximate top-``kk`` of ``score_ij = <x_i, x_j> - |x_j|^2 / 2`` for rows ``[q0, q1)``.
 
-    Blocked float32 GEMM. Each row block first takes a dense top-k over its own column block (which
-    sets a good threshold: with all rows queried, the points are first put in a cluster-sorted order,
-    so that block already holds most true neighbours), then every other block only hands over the
-    entries that beat the row's current k-th best. With all rows queried, only blocks ``I < J`` are computed and
-    serve both directions (the Gram matrix is symmetric): half the FLOPs. When the norms are (nearly) equal the
-    ``|x_j|^2 / 2`` term is dropped and its spread added to the error bound (returned).
+    Blocked GEMM (float32, or bf16 with ``low``). Each row block first takes a dense top-k over its own
+    column block (which sets a good threshold: with all rows queried, the points are first put in a
+    cluster-sorted order, so that block already holds most true neighbours), then every other block
+    only hands over the entries that beat the row's current k-th best. With all rows queried, only
+    blocks ``I < J`` are computed and serve both directions (the Gram matrix is symmetric): half the
+    FLOPs. When the norms are (nearly) equal the ``|x_j|^2 / 2`` term is dropped ("folded", returned
+    True): the scores are then the bare inner products.
     """
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # TF32 would void the error bound
-    try:
+    with _exact_matmul():
         xt = torch.from_numpy(x32).to(device)
         n = xt.shape[0]
         spread = float(norms.max() - norms.min()) / 2
         fold = spread <= 1e-4 * max(float(norms.max()), 1e-300)
         hn = None if fold else torch.from_numpy((norms / 2).astype(np.float32)).to(device)
+        if low:
+            xt = xt.to(torch.bfloat16)
         symmetric = q0 == 0 and q1 == n
         perm = None
         if symmetric and n > 2 * block:  # cluster-sorted order: tight thresholds from the first block
@@ -254,8 +367,8 @@ def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
         row_blocks = _chunks(q0, q1, block)
 
         def scores(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-            g = xt[r0:r1] @ xt[c0:c1].T
-            return g if hn is None else g.sub_(hn[c0:c1])
+            g = _gemm(xt[r0:r1], xt[c0:c1])
+            return g if hn is None else g.float().sub_(hn[c0:c1])  # the subtraction in float32
 
         for r0, r1 in row_blocks:  # dense start: the rows' own block
             g = scores(r0, r1, r0, r1)
@@ -264,7 +377,8 @@ def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
         if symmetric:  # blocks I < J serve rows of I and rows of J
             for a, (r0, r1) in enumerate(row_blocks):
                 for c0, c1 in row_blocks[a + 1 :]:
-                    g = xt[r0:r1] @ xt[c0:c1].T
+                    g = _gemm(xt[r0:r1], xt[c0:c1])
+                    g = g if hn is None else g.float()
                     with _one_thread(device):
                         top.offer(r0, c0, g if hn is None else g - hn[c0:c1])
                         top.offer(c0, r0, g if hn is None else g.sub_(hn[r0:r1, None]), transposed=True)
@@ -281,9 +395,52 @@ def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
             v_orig, i_orig = torch.empty_like(v), torch.empty_like(i)
             v_orig[perm], i_orig[perm] = v, i
             v, i = v_orig, i_orig
-        return v.cpu().numpy(), i.cpu().numpy(), (spread if fold else 0.0)
-    finally:
-        torch.set_float32_matmul_precision(prev)
+        return v.cpu().numpy(), i.cpu().numpy(), fold
+
+
+def _approx_vs(q32: np.ndarray, y32: np.ndarray, yn: np.ndarray, kk: int, device: torch.device,
+               block: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Approximate float32 top-``kk`` of ``<q_i, y_j> - |y_j|^2 / 2`` for arbitrary queries ``q`` against
+    the database ``y`` (the rows the bf16 pass could not settle, the IVF probes, recall samples).
+    Same blocked scheme as :func:`_approx_torch` without the symmetric shortcut."""
+    with _exact_matmul():
+        q = torch.from_numpy(np.ascontiguousarray(q32)).to(device)
+        y = torch.from_numpy(np.ascontiguousarray(y32)).to(device)
+        spread = float(yn.max() - yn.min()) / 2
+        fold = spread <= 1e-4 * max(float(yn.max()), 1e-300)
+        hn = None if fold else torch.from_numpy((yn / 2).astype(np.float32)).to(device)
+        top = _TopK(q.shape[0], kk, device)
+        col_blocks = _chunks(0, y.shape[0], block)
+        for r0, r1 in _chunks(0, q.shape[0], block):
+            for b, (c0, c1) in enumerate(col_blocks):
+                g = q[r0:r1] @ y[c0:c1].T
+                if hn is not None:
+                    g.sub_(hn[c0:c1])
+                with _one_thread(device):
+                    if b == 0:
+                        top.set_dense(r0, g, c0)
+                    else:
+                        top.offer(r0, c0, g)
+        v, o = torch.sort(top.val, dim=1, descending=True)
+        return v.cpu().numpy(), torch.gather(top.idx, 1, o).cpu().numpy(), fold
+
+
+def _torch_keys(sc: np.ndarray, fold: bool, d: int, qn: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate keys ``|y_j|^2 - 2 <q_i, y_j>`` from the float32 scores, and their bound ``delta``."""
+    keys = -2.0 * sc.astype(np.float64)  # key = |y_j|^2 - 2 <q_i, y_j> (+ |q_i|^2, constant per row)
+    spread = float(yn.max() - yn.min()) / 2 if fold else 0.0
+    qr, ymax = np.sqrt(qn), math.sqrt(float(yn.max()))
+    # dot error gamma*|q||y|, the roundings of |y_j|^2/2 and of the subtraction, the dropped norm
+    # spread; all doubled by the key's factor 2
+    delta = 2 * (_gamma(d) * qr * ymax + 2 * _U32 * (float(yn.max()) + qr * ymax) + spread)
+    return keys, _SAFETY * delta + 1e-300
+
+
+def _faiss_delta(d: int, qn: np.ndarray, yn_max: float) -> np.ndarray:
+    """Bound on a faiss float32 squared distance: faiss may compute ``|x - y|^2`` directly or as
+    norms - 2 dot; bound both generously."""
+    delta = 4 * _gamma(d + 2) * (np.sqrt(qn) + math.sqrt(yn_max)) ** 2 + 8 * _U32 * (qn + yn_max)
+    return _SAFETY * delta + 1e-300
 
 
 def _approx_faiss(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
@@ -302,8 +459,8 @@ def _approx_faiss(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
     else:
         index = faiss.IndexFlatL2(d)
     index.add(x32)
-    dist, ids = index.search(np.ascontiguousarray(x32[q0:q1]), kk)
-    keys = dist.astype(np.float64) - norms[q0:q1, None]
+    dist_, ids = index.search(np.ascontiguousarray(x32[q0:q1]), kk)
+    keys = dist_.astype(np.float64) - norms[q0:q1, None]
     return keys, ids.astype(np.int64)
 
 
@@ -316,51 +473,20 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None, backend: Backend = "auto",
-        extra: int = 8, block: int = 2048, device: torch.device | str | None = None) -> np.ndarray:
-    """Exact k nearest neighbours by squared L2 (self included), ties by lower index.
+def _resolve(keys: np.ndarray, ids: np.ndarray, delta: np.ndarray, k: int, q: np.ndarray, qn: np.ndarray,
+             y: np.ndarray, yn: np.ndarray) -> np.ndarray:
+    """Exact top-k lists from approximate ``(m, kk)`` keys (ascending) and their bound ``delta``.
 
-    ``features`` must already be snapped (:func:`snap_features`). ``rows = (start, stop)`` restricts the
-    queries to a slice (the sharded distributed path); the database is always all N points. Returns
-    ``(stop - start, k)`` int64 ids sorted by distance.
+    Approximate keys closer than 2 delta form "tie groups" (chains in sorted order); the true order
+    agrees with the approximate one between groups, so only members of groups of size > 1 that
+    reach into the top k need exact keys. A group that reaches the last kept column may continue
+    among points that were not kept: such rows are solved exactly against all points.
     """
-    x32 = np.ascontiguousarray(features, dtype=np.float32)
-    n, d = x32.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"knn: k={k} must be in [1, N={n}]")
-    q0, q1 = rows if rows is not None else (0, n)
-    if not 0 <= q0 <= q1 <= n:
-        raise ValueError(f"knn: rows={rows} is not a slice of [0, {n}]")
-    norms = exact_norms(x32)
-    nrm = np.sqrt(norms)
-    kk = min(n, k + max(1, extra))
-    gpu = faiss_has_gpu()
-    if backend == "auto":  # faiss-gpu where faiss sees a GPU; else the torch GEMM (faster than faiss-cpu here)
-        backend = "faiss" if gpu else "torch"
-    if backend == "torch":
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device) if device is not None else torch.device(auto)
-        sc, ids, spread = _approx_torch(x32, norms, q0, q1, kk, dev, block)
-        keys = -2.0 * sc.astype(np.float64)  # key = |x_j|^2 - 2 <x_i, x_j> (+ |x_i|^2, constant per row)
-        # dot error gamma*|x||y|, the roundings of |x_j|^2/2 and of the subtraction, the dropped norm
-        # spread; all doubled by the key's factor 2
-        delta = 2 * (_gamma(d) * nrm[q0:q1] * nrm.max() + 2 * _U32 * (norms.max() + nrm[q0:q1] * nrm.max()) + spread)
-    elif backend == "faiss":
-        keys, ids = _approx_faiss(x32, norms, q0, q1, kk, gpu)
-        # faiss may compute |x - y|^2 directly or as norms - 2 dot: bound both generously
-        delta = 4 * _gamma(d + 2) * (nrm[q0:q1] + nrm.max()) ** 2 + 8 * _U32 * (norms[q0:q1] + norms.max())
-    else:
-        raise ValueError(f"knn backend={backend!r}: expected 'auto', 'torch' or 'faiss'")
-    delta = _SAFETY * delta + 1e-300
-    keys = keys.astype(np.float64)
-    m = q1 - q0
+    m, kk = keys.shape
+    n = len(y)
     out = np.empty((m, k), np.int64)
     if m == 0:
         return out
-    # Approximate keys closer than 2 delta form "tie groups" (chains in sorted order); the true order
-    # agrees with the approximate one between groups, so only members of groups of size > 1 that
-    # reach into the top k need exact keys. A group that reaches the last kept column may continue
-    # among points that were not kept: such rows are solved exactly against all points.
     close = np.diff(keys, axis=1) <= 2 * delta[:, None]  # (m, kk-1): column t ties with t+1
     group = np.concatenate([np.zeros((m, 1), np.int64), np.cumsum(~close, axis=1)], axis=1)
     overflow = (group[:, -1] == group[:, k - 1]) if kk < n else np.zeros(m, bool)
@@ -374,7 +500,8 @@ def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None,
         sub = need[rows_r]
         ex = np.zeros((len(rows_r), kk))
         rr, cc = np.nonzero(sub)
-        ex[rr, cc] = exact_sqdist(x32, rows_r[rr] + q0, ids[rows_r][rr, cc], norms)
+        qi, yi = rows_r[rr], ids[rows_r][rr, cc]
+        ex[rr, cc] = qn[qi] + yn[yi] - 2.0 * _dots2(q, qi, y, yi)
         g = group[rows_r]
         sid = ids[rows_r]
         # within a row: by group, then exact key (0 outside tie groups: singletons), then index
@@ -383,8 +510,442 @@ def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None,
         out[rows_r] = sid.ravel()[order].reshape(len(rows_r), kk)[:, :k]
     full = np.flatnonzero(overflow)
     if len(full):
-        out[full] = _topk_exact_rows(x32, norms, full + q0, k)
+        out[full] = _topk_exact_vs(q[full], y, yn, k)
     return out
 
 
-__all__ = ["snap_features", "exact_dots", "exact_norms", "exact_sqdist", "exact_knn"]
+def _exact_vs(q: np.ndarray, y: np.ndarray, yn: np.ndarray, k: int, *, qn: np.ndarray | None = None,
+              extra: int = 8, block: int = 2048, device: torch.device | None = None) -> np.ndarray:
+    """Exact top-k of arbitrary snapped queries ``q`` against the snapped database ``y`` (float32 pass)."""
+    qn = exact_norms(q) if qn is None else qn
+    kk = min(len(y), k + max(1, extra))
+    sc, ids, fold = _approx_vs(q, y, yn, kk, _device(device), block)
+    keys, delta = _torch_keys(sc, fold, y.shape[1], qn, yn)
+    return _resolve(keys, ids, delta, k, q, qn, y, yn)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX, as /proc/cpuinfo lists them) and
+    torch's oneDNN kernels can use it. Without them a bf16 GEMM is emulated: slower than fp32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", info) is not None
+
+
+def _use_bf16(precision: str, backend: str, device: torch.device, pairs: int) -> bool:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"knn precision={precision!r}: expected 'auto', 'fp32' or 'bf16'")
+    if precision == "bf16" and backend == "faiss":
+        raise ValueError("knn precision='bf16' needs the torch backend (faiss's flat index is float32 only)")
+    if precision != "auto":
+        return precision == "bf16"
+    if backend != "torch":
+        return False
+    if device.type == "cuda":  # tensor cores
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16() and pairs >= _BF16_MIN_PAIRS
+
+
+def _bf16_norms(x32: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """``(|bf16(x_i)|, |x_i - bf16(x_i)|)`` in float64: the rounded rows and their exact rounding errors
+    (``x - bf16(x)`` is exact in float64), from the same round-to-nearest conversion the GEMM uses."""
+    nh = np.empty(len(x32))
+    ne = np.empty(len(x32))
+    for s in range(0, len(x32), chunk):
+        t = torch.from_numpy(x32[s : s + chunk])
+        h = t.to(torch.bfloat16).double()
+        nh[s : s + chunk] = torch.linalg.vector_norm(h, dim=1).numpy()
+        ne[s : s + chunk] = torch.linalg.vector_norm(t.double() - h, dim=1).numpy()
+    return nh, ne
+
+
+def _bf16_bound(nh: np.ndarray, ne: np.ndarray, q0: int, q1: int, d: int, hn_max: float, fold: bool) -> np.ndarray:
+    """Per query row ``i``: a bound on ``|s~_ij - s_ij|`` for every ``j``, where ``s~`` is the bf16-pass
+    score and ``s_ij = <x_i, x_j> - |x_j|^2 / 2`` (folded: ``<x_i, x_j>``) the exact one.
+
+    With ``h = bf16(x)`` (round to nearest, ``|h_k - x_k| <= 2**-8 |x_k|``) and ``e = x - h``:
+
+    * inputs: ``<x_i, x_j> - <h_i, h_j> = <h_i, e_j> + <e_i, h_j> + <e_i, e_j>``, so by Cauchy-Schwarz
+      the error is at most ``|h_i| E + |e_i| H + |e_i| E`` with ``H = max_j |h_j|``, ``E = max_j |e_j|``
+      (the norms of the actual rounding errors: about 0.4 * 2**-8 |x| each, not the worst case 2**-8);
+    * accumulation: bf16 x bf16 products are exact in fp32, and any order of fp32 additions errs by at
+      most ``gamma_d sum_k |h_ik h_jk| <= gamma_d |h_i| H``;
+    * result: rounding the fp32 accumulator to bf16 (CPU) errs by ``2**-8 (1 + gamma_d) |h_i| H``. These
+      last two, the library's part, are doubled: that also covers a kernel that rounds partial sums
+      over slices of ``d`` to bf16 once more (their magnitudes sum to at most ``|h_i| H`` by
+      Cauchy-Schwarz);
+    * subnormal products or sums flushed to zero: ``2 d 2**-126``;
+    * unfolded: the float32 roundings of ``|x_j|^2 / 2`` and of the subtraction.
+    """
+    g = _gamma(d)
+    hq, eq = nh[q0:q1], ne[q0:q1]
+    big_h, big_e = float(nh.max()), float(ne.max())
+    bound = hq * big_e + eq * big_h + eq * big_e
+    bound += 2 * (g + _UBF16 * (1 + g)) * hq * big_h + 2 * d * 2.0**-126
+    if not fold:
+        bound += _U32 * ((1 + 3 * _UBF16) * hq * big_h + 3 * hn_max)
+    return bound * (1 + 2.0**-30)  # the float64 evaluation of this bound
+
+
+def _bf16_search(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, k: int, extra: int, block: int,
+                 device: torch.device, stats: dict[str, Any] | None) -> np.ndarray:
+    """Exact lists from bf16 candidates (module docstring): keep the top ``kb = k + margin`` bf16 scores
+    plus the best score left out, re-score the ``kb`` exactly, accept a row when its exact k-th score
+    beats that best left-out score plus the bound; search the other rows again in fp32."""
+    n, d = x32.shape
+    kb = min(n, k + max(2 * extra, k))  # the margin: ReID features leave a gap there (docs/knn.md)
+    kk = min(n, kb + 1)
+    sc, ids, fold = _approx_torch(x32, norms, q0, q1, kk, device, block, low=True)
+    m = q1 - q0
+    cand = ids[:, :kb]
+    sq = exact_sqdist(x32, np.repeat(np.arange(q0, q1), kb), cand.ravel(), norms).reshape(m, kb)
+    order = np.lexsort((cand, sq))  # per row: exact squared distance, then index
+    out = np.take_along_axis(cand, order[:, :k], 1)
+    bad = np.zeros(m, bool)
+    if kb < n:  # some points were left out: prove none of them belongs in the top k
+        s_k = (norms[q0:q1] - np.take_along_axis(sq, order[:, k - 1 : k], 1)[:, 0]) / 2  # exact k-th score
+        left = sc[:, kb].astype(np.float64)  # no left-out point has a larger bf16 score
+        if fold:  # folded scores are bare dots; s_j = dot_j - |x_j|^2/2 <= dot_j - min |x|^2 / 2
+            left = left - float(norms.min()) / 2
+        nh, ne = _bf16_norms(x32)
+        bad = ~(s_k > left + _bf16_bound(nh, ne, q0, q1, d, float(norms.max()) / 2, fold))
+    redo = np.flatnonzero(bad)
+    if len(redo):
+        out[redo] = _exact_vs(x32[redo + q0], x32, norms, k, qn=norms[redo + q0], extra=extra, block=block,
+                              device=device)
+    if stats is not None:
+        stats.update(precision="bf16", bf16_candidates=kb, bf16_fallback_rows=len(redo))
+    return out
+
+
+def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None, backend: Backend = "auto",
+              extra: int = 8, block: int = 2048, device: torch.device | str | None = None,
+              precision: Precision = "auto", stats: dict[str, Any] | None = None) -> np.ndarray:
+    """Exact k nearest neighbours by squared L2 (self included), ties by lower index.
+
+    ``features`` must already be snapped (:func:`snap_features`). ``rows = (start, stop)`` restricts the
+    queries to a slice (the sharded distributed path); the database is always all N points. Returns
+    ``(stop - start, k)`` int64 ids sorted by distance. ``precision``: ``"fp32"`` candidates, ``"bf16"``
+    candidates re-scored exactly (same lists, torch backend only), ``"auto"``: bf16 on CUDA and on CPUs
+    with native bf16 (:func:`cpu_has_fast_bf16`) for large searches, else fp32. ``stats`` (if given)
+    receives ``precision`` and, for bf16, ``bf16_fallback_rows`` (rows searched again in fp32).
+    """
+    x32 = np.ascontiguousarray(features, dtype=np.float32)
+    n, d = x32.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"knn: k={k} must be in [1, N={n}]")
+    q0, q1 = rows if rows is not None else (0, n)
+    if not 0 <= q0 <= q1 <= n:
+        raise ValueError(f"knn: rows={rows} is not a slice of [0, {n}]")
+    if backend not in ("auto", "torch", "faiss"):
+        raise ValueError(f"knn backend={backend!r}: expected 'auto', 'torch' or 'faiss'")
+    norms = exact_norms(x32)
+    kk = min(n, k + max(1, extra))
+    gpu = faiss_has_gpu()
+    if backend == "auto":  # faiss-gpu where faiss sees a GPU; else the torch GEMM (faster than faiss-cpu here)
+        backend = "faiss" if gpu else "torch"
+    dev = _device(device)
+    if q1 > q0 and _use_bf16(precision, backend, dev, (q1 - q0) * n):
+        return _bf16_search(x32, norms, q0, q1, k, extra, block, dev, stats)
+    if stats is not None:
+        stats.update(precision="fp32")
+    if backend == "torch":
+        sc, ids, fold = _approx_torch(x32, norms, q0, q1, kk, dev, block)
+        keys, delta = _torch_keys(sc, fold, d, norms[q0:q1], norms)
+    else:
+        keys, ids = _approx_faiss(x32, norms, q0, q1, kk, gpu)
+        delta = _faiss_delta(d, norms[q0:q1], float(norms.max()))
+    return _resolve(keys.astype(np.float64), ids, delta, k, x32[q0:q1], norms[q0:q1], x32, norms)
+
+
+# --- IVF ----------------------------------------------------------------------------------------------------
+
+
+def default_nlist(n: int) -> int:
+    """Default number of IVF lists: ``round(4 sqrt(N))``, at most ``N // 39`` (faiss wants 39 training
+    points per list) and at least 1 — 1,789 lists at N = 200,000, 4,000 at N = 1,000,000."""
+    return max(1, min(round(4 * math.sqrt(n)), n // 39))
+
+
+def _train_centroids(x: np.ndarray, nlist: int) -> np.ndarray:
+    """faiss k-means (L2) on a seeded sample of ``IVF_TRAIN_PER_LIST * nlist`` rows (``IVF_SEED``)."""
+    import faiss
+
+    n, d = x.shape
+    size = min(n, IVF_TRAIN_PER_LIST * nlist)
+    sample = np.sort(np.random.default_rng(IVF_SEED).choice(n, size, replace=False))
+    km = faiss.Kmeans(d, nlist, niter=IVF_KMEANS_ITERS, seed=IVF_SEED, max_points_per_centroid=size,
+                      min_points_per_centroid=1, verbose=False)
+    km.train(np.ascontiguousarray(x[sample]))
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+class _IVFShard:
+    """A faiss ``IndexIVFFlat`` (L2) over the rows ``[s0, s1)`` with given list assignments, on this
+    rank's GPU when faiss sees one (faiss-gpu), else on the CPU."""
+
+    def __init__(self, cent: np.ndarray, xs: np.ndarray, s0: int, assign: np.ndarray, nprobe: int):
+        import faiss
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        d = cent.shape[1]
+        self.quantizer = faiss.IndexFlatL2(d)
+        self.quantizer.add(cent)  # trained before the IVF index is made: it is then trained too
+        cpu = faiss.IndexIVFFlat(self.quantizer, d, len(cent), faiss.METRIC_L2)
+        # named arrays: add_preassigned keeps only raw pointers to them, temporaries could be freed
+        xs = np.ascontiguousarray(xs)
+        lists = np.ascontiguousarray(assign, dtype=np.int64)
+        ids = np.arange(s0, s0 + len(xs), dtype=np.int64)
+        add_preassigned(cpu, xs, lists, ids)
+        cpu.nprobe = nprobe
+        self.index: Any = cpu
+        self.res = None
+        if faiss_has_gpu():
+            self.res = faiss.StandardGpuResources()
+            dev = torch.cuda.current_device() if torch.cuda.is_available() else 0  # the rank's own GPU
+            self.index = faiss.index_cpu_to_gpu(self.res, dev, cpu)
+            self.index.nprobe = nprobe
+            del cpu
+        self.nbytes = len(xs) * (4 * d + 8)
+
+    def search(self, q: np.ndarray, probes: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``kp`` nearest (faiss float32 distances) of each query among this shard's points in the
+        query's probed lists; ids ``-1`` (distance inf) where fewer."""
+        return self.index.search_preassigned(np.ascontiguousarray(q), kp, np.ascontiguousarray(probes), None)
+
+
+class _ListMembers:
+    """Which points each IVF list holds (CSR over the global assignment), for the exact fallback."""
+
+    def __init__(self, assign: np.ndarray, nlist: int):
+        self.order = np.argsort(assign, kind="stable")
+        self.start = np.searchsorted(assign[self.order], np.arange(nlist + 1))
+
+    def members(self, lists: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.order[self.start[c] : self.start[c + 1]] for c in lists])
+
+
+def _ivf_merge(x: np.ndarray, norms: np.ndarray, r0: int, dd: np.ndarray, ii: np.ndarray, k: int,
+               kp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge the shards' candidates of queries ``r0, r0 + 1, ...``: ``dd``/``ii`` are ``(W, c, kp)``.
+
+    Keeps the ``kp`` best by faiss distance (then id), re-scores them exactly and returns
+    ``(top-k ids, certified, exhausted)``. A row is certified when its exact k-th distance is below
+    every distance the probed points left out can have: ``L - delta``, with ``L`` the smallest faiss
+    distance not kept (the last one of every shard that returned ``kp``, the first one dropped here).
+    ``exhausted``: the probed lists hold fewer than k points.
+    """
+    n, d = x.shape
+    w, c, _ = dd.shape
+    dist_all = np.concatenate(list(dd), 1).astype(np.float64)
+    ids_all = np.concatenate(list(ii), 1)
+    missing = ids_all < 0
+    dist_all[missing] = np.inf
+    ids_all = np.where(missing, n, ids_all)  # sentinel: after every real id
+    o = np.lexsort((ids_all, dist_all))
+    dist_s, ids_s = np.take_along_axis(dist_all, o, 1), np.take_along_axis(ids_all, o, 1)
+    left = np.full(c, np.inf)
+    for s in range(w):  # a shard that returned kp points may hold more, at least as far
+        left = np.where(ii[s, :, kp - 1] >= 0, np.minimum(left, dd[s, :, kp - 1].astype(np.float64)), left)
+    if dist_s.shape[1] > kp:
+        left = np.minimum(left, dist_s[:, kp])
+    cand = ids_s[:, :kp]
+    valid = cand < n
+    ex = np.full(cand.shape, np.inf)
+    rr, cc = np.nonzero(valid)
+    ex[rr, cc] = exact_sqdist(x, rr + r0, cand[rr, cc], norms)
+    o2 = np.lexsort((cand, ex))
+    top = np.take_along_axis(cand, o2[:, :k], 1)
+    exk = np.take_along_axis(ex, o2[:, k - 1 : k], 1)[:, 0]
+    delta = _faiss_delta(d, norms[r0 : r0 + c], float(norms.max()))
+    nvalid = valid.sum(1)
+    certified = (nvalid >= k) & (exk < left - delta)
+    exhausted = (nvalid < k) & np.isinf(left)
+    return top, certified, exhausted
+
+
+def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist: int | None, extra: int,
+                block: int, device: torch.device, distributed: bool, chunk: int,
+                stats: dict[str, Any] | None) -> np.ndarray:
+    """k-NN lists from a faiss IVF index (``IndexIVFFlat``, squared L2 on the snapped features).
+
+    1. **Quantizer**: ``nlist`` centroids (:func:`default_nlist`) by faiss k-means on a seeded sample,
+       trained on rank 0 and broadcast, then snapped onto ``x``'s grid (:func:`_snap_like`).
+    2. **Probes**: each point's ``nprobe`` nearest centroids, *exactly* (the flat machinery, ties by
+       centroid id), so the lists a point lives in and the lists a query visits are a function of that
+       point alone — not of how the rows were batched or split over ranks. A point lives in its first
+       probe's list.
+    3. **Sharded database**: with ``distributed`` each rank indexes only its own rows
+       (``dist.shard_range``); every rank searches every query against its shard, query owner by
+       owner and chunk by chunk (the owner broadcasts the chunk's probes), and the owner gathers the
+       ``k + extra`` best of each shard. Per rank: index memory ``N/W (4d + 8)`` bytes, candidate
+       traffic ``(k + extra) x 12`` bytes per query sent in all (``N/W`` queries to each owner) and
+       received for each own query from each rank.
+    4. **Exact within the probed lists**: the candidates are re-scored exactly; a row is accepted when
+       the faiss bound proves nothing left out of the probed lists is closer (:func:`_ivf_merge`),
+       otherwise all its probed points are scored exactly. The list is thus the exact top-k of the
+       points in its probed lists (rows whose lists hold fewer than k points: the exact top-k of all
+       points) — identical for any number of ranks.
+    """
+    n, d = x.shape
+    group = distributed and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
+    q0, q1 = rows
+    if group and (q0, q1) != dist.shard_range(n, rank, world):
+        own = dist.shard_range(n, rank, world)
+        raise ValueError(f"knn ivf: distributed rows={rows} must be this rank's shard {own}")
+    nl = default_nlist(n) if nlist is None else nlist
+    if not 1 <= nl <= n:
+        raise ValueError(f"knn ivf: nlist={nl} must be in [1, N={n}]")
+    if nprobe < 1:
+        raise ValueError(f"knn ivf: nprobe={nprobe} must be >= 1")
+    npb = min(nprobe, nl)
+    times: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - tick
+        tick = now
+
+    cent = _train_centroids(x, nl) if rank == 0 else np.empty((nl, d), np.float32)
+    if group:
+        t = dist.broadcast(torch.from_numpy(cent).to(dist.comm_device()), src=0)
+        cent = t.cpu().numpy()
+    cent = _snap_like(cent, x)
+    lap("train")
+    s0, s1 = (q0, q1) if group else (0, n)  # the rows this rank stores (and computes probes for)
+    probes = _exact_vs(x[s0:s1], cent, exact_norms(cent), npb, extra=extra, block=block, device=device)
+    lap("probes")
+    shard = _IVFShard(cent, x[s0:s1], s0, probes[:, 0], npb)
+    assign = probes[:, 0]
+    if group:
+        assign = dist.all_gather_variable(torch.from_numpy(assign).to(dist.comm_device())).cpu().numpy()
+    lap("build")
+    norms = exact_norms(x)
+    kp = min(n, k + max(1, extra))
+    out = np.empty((q1 - q0, k), np.int64)
+    rescan: list[np.ndarray] = []
+    flat: list[np.ndarray] = []
+    for owner in range(world):
+        o0, o1 = dist.shard_range(n, owner, world) if group else (q0, q1)
+        for c0, c1 in _chunks(o0, o1, chunk):
+            pr = probes[c0 - s0 : c1 - s0] if rank == owner else np.empty((c1 - c0, npb), np.int64)
+            if group:
+                pr = dist.broadcast(torch.from_numpy(np.ascontiguousarray(pr)).to(dist.comm_device()),
+                                    src=owner).cpu().numpy()
+            dd, ii = shard.search(x[c0:c1], pr, kp)
+            lap("search")
+            if group:
+                dd_all = _gather_to(torch.from_numpy(dd), owner)
+                ii_all = _gather_to(torch.from_numpy(ii), owner)
+            else:
+                dd_all, ii_all = dd[None], ii[None]
+            lap("exchange")
+            if rank == owner:
+                top, ok, exhausted = _ivf_merge(x, norms, c0, dd_all, ii_all, k, kp)
+                out[c0 - q0 : c1 - q0] = top
+                rescan.append(np.flatnonzero(~ok & ~exhausted) + c0)
+                flat.append(np.flatnonzero(exhausted) + c0)
+                lap("merge")
+    redo = np.concatenate(rescan) if rescan else np.empty(0, np.int64)
+    if len(redo):  # exact over every point of the probed lists
+        members = _ListMembers(assign, nl)
+        for i in redo:
+            cand = members.members(probes[i - s0])
+            ex = exact_sqdist(x, np.full(len(cand), i), cand, norms)
+            out[i - q0] = cand[np.lexsort((cand, ex))[:k]]
+    full = np.concatenate(flat) if flat else np.empty(0, np.int64)
+    if len(full):
+        out[full - q0] = _exact_vs(x[full], x, norms, k, qn=norms[full], extra=extra, block=block, device=device)
+    lap("fallback")
+    if stats is not None:
+        stats.update(index="ivf", nlist=nl, nprobe=npb, ivf_rescanned_rows=len(redo), ivf_exhausted_rows=len(full),
+                     index_bytes=shard.nbytes, ivf_times=times)
+    return out
+
+
+def _gather_to(t: torch.Tensor, dst: int) -> np.ndarray:
+    """Gather equally shaped tensors on rank ``dst`` (rank order, stacked); other ranks get an empty array."""
+    import torch.distributed as tdist
+
+    t = t.to(dist.comm_device()).contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())] if dist.get_rank() == dst else None
+    tdist.gather(t, parts, dst=dst)
+    return torch.stack(parts).cpu().numpy() if parts is not None else np.empty(0)
+
+
+# --- entry points -------------------------------------------------------------------------------------------
+
+
+def search_knn(x: np.ndarray, k: int, *, rows: tuple[int, int], index: Index = "flat", nprobe: int = 16,
+               nlist: int | None = None, backend: Backend = "auto", device: torch.device | str | None = None,
+               distributed: bool = False, stats: dict[str, Any] | None = None, precision: Precision = "auto",
+               chunk: int = 16384) -> np.ndarray:
+    """k-NN lists of the query rows ``rows = (start, stop)`` of the snapped features ``x`` (every rank
+    passes all N rows): ``(stop - start, k)`` int64 ids, by squared L2 then lower index, self included.
+
+    ``index="flat"``: exact search (:func:`exact_knn`, ``backend``/``precision`` as there); each rank
+    searches its own rows against all points. ``index="ivf"``: a faiss IVF index (:func:`_search_ivf`)
+    with ``nlist`` lists (default :func:`default_nlist`) of which ``nprobe`` are visited per query;
+    ``distributed=True`` shards its database by rows (``rows`` must then be ``dist.shard_range``) and
+    gives the same lists as one process. IVF runs on faiss (its GPU build on this rank's GPU where faiss
+    sees one): ``backend`` must be ``auto`` or ``faiss``, ``precision`` ``auto`` or ``fp32``.
+    ``stats`` (if given) receives what was done (precision, fallback rows, IVF sizes and times).
+    """
+    xs = np.ascontiguousarray(x, dtype=np.float32)
+    n = xs.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"knn: k={k} must be in [1, N={n}]")
+    q0, q1 = rows
+    if not 0 <= q0 <= q1 <= n:
+        raise ValueError(f"knn: rows={rows} is not a slice of [0, {n}]")
+    if index == "flat":
+        if stats is not None:
+            stats.update(index="flat")
+        return exact_knn(xs, k, rows=rows, backend=backend, device=device, precision=precision, stats=stats)
+    if index != "ivf":
+        raise ValueError(f"knn index={index!r}: expected 'flat' or 'ivf'")
+    if backend not in ("auto", "faiss"):
+        raise ValueError(f"knn backend={backend!r} has no IVF index: use 'auto' or 'faiss' with index='ivf'")
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"knn precision={precision!r}: the IVF index is float32 ('auto' or 'fp32')")
+    return _search_ivf(xs, k, rows, nprobe, nlist, 8, 2048, _device(device), distributed, chunk, stats)
+
+
+def knn_recall(x: np.ndarray, lists: np.ndarray, rows: tuple[int, int], k: int, sample: int = 1000,
+               seed: int = 0, device: torch.device | str | None = None) -> float:
+    """recall@k of ``lists`` (the k-NN lists of the query rows ``rows``) against exact search: the mean
+    over a seeded sample of ``sample`` rows of ``|lists[i, :k] & exact_i| / k``. Only the sampled rows
+    are searched exactly (float32 pass + exact resolution, :func:`_exact_vs`)."""
+    xs = np.ascontiguousarray(x, dtype=np.float32)
+    q0, q1 = rows
+    m = q1 - q0
+    if lists.shape[0] != m or lists.shape[1] < k or not 1 <= k <= len(xs):
+        raise ValueError(f"knn_recall: lists of shape {lists.shape} do not hold k={k} columns for rows={rows}")
+    if m == 0:
+        return 1.0
+    pick = np.sort(np.random.default_rng(seed).choice(m, min(m, sample), replace=False))
+    norms = exact_norms(xs)
+    want = _exact_vs(xs[pick + q0], xs, norms, k, qn=norms[pick + q0], device=_device(device))
+    hits = (lists[pick, :k, None] == want[:, None, :]).any(2).sum()
+    return float(hits) / (len(pick) * k)
+
+
+def recall_warning(recall: float, floor: float, k: int, nprobe: int) -> str | None:
+    """The one-line warning for an IVF recall below ``tmgf.knn_recall_floor`` (None when it is not)."""
+    if recall >= floor:
+        return None
+    return (f"k-NN recall@{k} of the IVF index is {recall:.4f} < tmgf.knn_recall_floor={floor}: raise "
+            f"tmgf.knn_nprobe (now {nprobe}, e.g. tmgf.knn_nprobe={2 * nprobe}) or use tmgf.knn_index=flat")
+
+
+__all__ = ["snap_features", "exact_dots", "exact_norms", "exact_sqdist", "exact_knn", "search_knn", "knn_recall",
+           "recall_warning", "default_nlist", "cpu_has_fast_bf16", "faiss_has_gpu"]
