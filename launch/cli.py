@@ -112,3 +112,5 @@ def print_dry_run(launch: LaunchPlan) -> None:
         print("# one rank in this process (submitit's DebugExecutor)")
     else:
         print(json.dumps(executor_parameters(res, cluster, launch.job_name), sort_keys=True))
+        if "python" in launch.container:  # --apptainer: the command each local process runs
+            print(f"{launch.container['python']} -u -m submitit.core._submit {shlex.quote(str(launch.folder))}")

@@ -106,7 +106,8 @@ def make_executor(cluster: str, folder: str | os.PathLike[str], res: Resources, 
         if "srun_args" in container:
             params["slurm_srun_args"] = container["srun_args"]
     elif cluster == "local":
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues,  # apptainer: its python
+                                          **({"python": container["python"]} if "python" in container else {}))
     else:
         executor = submitit.DebugExecutor(folder=folder)
     executor.update_parameters(**params)

@@ -27,9 +27,9 @@ LOCAL_MAX_REQUEUES = 5
 """submitit's local controller starts a job at most 6 times: 5 requeues."""
 
 NOT_HONOURED: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "local": (("--mem", "--partition", "--account", "--qos", "--constraint", "--apptainer", "--container-image"),
+    "local": (("--mem", "--partition", "--account", "--qos", "--constraint", "--container-image"),
               "its processes run here, with no scheduler to grant memory, a partition, an account, a QoS or node "
-              "features, and no container", "submit with --cluster slurm"),
+              "features, and no srun to start a pyxis container", "submit with --cluster slurm"),
     "debug": (("--cpus-per-task", "--mem", "--time", "--signal-delay", "--max-requeues", "--partition", "--account",
                "--qos", "--constraint", "--apptainer", "--container-image"),
               "the job runs in this process: nothing enforces a time limit, sends the warning, requeues, allots "

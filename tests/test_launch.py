@@ -72,7 +72,8 @@ BAD_FLAGS = [
     (["--time", "3", "--signal-delay", "61"], "use --time=4"),
     (["--cluster", "local", "--mem", "4G"], "--mem=4G: --cluster local cannot honour it"),
     (["--cluster", "local", "--partition", "gpu", "--qos", "high"], "--partition=gpu --qos=high"),
-    (["--cluster", "local", "--apptainer", "x.sif"], "--apptainer=x.sif"),
+    (["--cluster", "local", "--container-image", "x.sqsh"], "--container-image=x.sqsh"),
+    (["--cluster", "debug", "--apptainer", "x.sif"], "--apptainer=x.sif"),
     (["--cluster", "local", "--max-requeues", "6"], "--max-requeues=6"),
     (["--cluster", "debug", "--time", "20"], "--time=20: --cluster debug cannot honour it"),
     (["--cluster", "debug", "--signal-delay", "60", "--cpus-per-task", "2"], "--cpus-per-task=2 --signal-delay=60"),
@@ -251,6 +252,21 @@ def test_dry_run_cpu_defaults(tmp_path: Path, no_submission: None, capsys: pytes
     assert not any("gpus" in line for line in lines)  # no GPU request on CPU
 
 
+@pytest.mark.parametrize("cluster, flags, nv", [("slurm", ["--gpus-per-node", "1"], "--nv "), ("local", [], "")])
+def test_apptainer_runs_each_rank_in_the_image(cluster: str, flags: list[str], nv: str, tmp_path: Path,
+                                               no_submission: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """--apptainer: each rank is ``apptainer exec`` of the image, the checkout and the run dir bound at their
+    paths (``make image-apptainer`` runs the local one for real: docs/containers.md)."""
+    run_dir = (tmp_path / "r").resolve()
+    assert launcher.main(["--dry-run", "--cluster", cluster, *flags, "--apptainer", "/images/reid.sif",
+                          "exp=pat_smoke", f"run_dir={run_dir}"]) == 0
+    cwd = os.getcwd()
+    ranks = (f"apptainer exec {nv}--bind {cwd},{run_dir} --pwd {cwd} /images/reid.sif python "
+             f"-u -m submitit.core._submit {run_dir}/submitit/%j")
+    out = capsys.readouterr().out.splitlines()
+    assert (f"srun --unbuffered {ranks}" if cluster == "slurm" else ranks) in out, out
+
+
 def test_executors_get_what_their_cluster_honours(tmp_path: Path) -> None:
     res = launcher.Resources(nodes=1, tasks_per_node=2, cpus_per_task=3, time_min=30, signal_delay_s=45,
                              max_requeues=4)
@@ -259,6 +275,9 @@ def test_executors_get_what_their_cluster_honours(tmp_path: Path) -> None:
     assert {k: local.parameters[k] for k in ("timeout_min", "signal_delay_s", "tasks_per_node", "nodes")} == {
         "timeout_min": 30, "signal_delay_s": 45, "tasks_per_node": 2, "nodes": 1}
     assert local.max_num_timeout == 4  # submitit's own time-out cap follows --max-requeues
+    apptainer = {"python": "apptainer exec i.sif python"}  # --apptainer: each local process runs the image's python
+    contained = launcher.make_executor("local", tmp_path / "c", res, "reid-x", apptainer)
+    assert isinstance(contained, submitit.LocalExecutor) and contained.python == apptainer["python"]
     assert isinstance(launcher.make_executor("debug", tmp_path / "debug", res, "reid-x", {}), submitit.DebugExecutor)
     # the slurm names must be SlurmExecutor parameters (checked without sbatch on this machine)
     from submitit.slurm.slurm import _get_default_parameters
