@@ -76,6 +76,22 @@ def measure(sizes: list[int], world: int = 4, slots: int = 6, dim: int = 384, al
     return rows
 
 
+def report(rows: list[Row], world: int, slots: int, dim: int, alloc_gib: float) -> tuple[list[str], str]:
+    """The table of :func:`measure`'s rows and the summary line ``proxy memory per rank, sharded W=4 vs
+    replicated: F×`` (the largest rank's sharded bytes over the replicated bytes, worst over the sizes)."""
+    table = [f"# {PROG}: ProxyMemory fp32, {slots} slots x {dim}; bytes = nbytes of each rank's memory "
+             f"tensor; 'meta' = over --alloc-gib {alloc_gib:g} per rank, built on the meta device (not allocated)",
+             f"{'proxies':>10} {'layout':>10} {'W':>2} {'largest rank':>14} {'GiB':>8} {'all ranks GiB':>13}  built"]
+    for row in rows:
+        big = max(row.per_rank_bytes)
+        table.append(f"{row.proxies:>10,} {row.layout:>10} {row.world:>2} {big:>14,} {big / GIB:>8.3f} "
+                     f"{sum(row.per_rank_bytes) / GIB:>13.3f}  {'allocated' if row.allocated else 'meta'}")
+    ratio = max(max(s.per_rank_bytes) / max(r.per_rank_bytes)
+                for r in rows if r.layout == "replicated"
+                for s in rows if s.layout == "sharded" and s.proxies == r.proxies)
+    return table, f"proxy memory per rank, sharded W={world} vs replicated: {ratio:.3f}×"
+
+
 def main(argv: list[str] | None = None) -> int:
     """A bad argument is one line on stderr and exit 2 (``bench/cli.py``)."""
     return run_cli(PROG, lambda: _main(argv))
@@ -96,20 +112,12 @@ def _main(argv: list[str] | None) -> int:
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         ap.error(f"--json {args.json}: its folder does not exist; create it or pass another path")
     rows = measure(list(args.proxies), args.world, args.slots, args.dim, args.alloc_gib)
-    print(f"# {PROG}: ProxyMemory fp32, {args.slots} slots x {args.dim}; bytes = nbytes of each rank's memory "
-          f"tensor; 'meta' = over --alloc-gib {args.alloc_gib:g} per rank, built on the meta device (not allocated)")
-    print(f"{'proxies':>10} {'layout':>10} {'W':>2} {'largest rank':>14} {'GiB':>8} {'all ranks GiB':>13}  built")
-    for row in rows:
-        big = max(row.per_rank_bytes)
-        print(f"{row.proxies:>10,} {row.layout:>10} {row.world:>2} {big:>14,} {big / GIB:>8.3f} "
-              f"{sum(row.per_rank_bytes) / GIB:>13.3f}  {'allocated' if row.allocated else 'meta'}")
+    table, summary = report(rows, args.world, args.slots, args.dim, args.alloc_gib)
+    print("\n".join(table))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
-    ratio = max(max(s.per_rank_bytes) / max(r.per_rank_bytes)
-                for r in rows if r.layout == "replicated"
-                for s in rows if s.layout == "sharded" and s.proxies == r.proxies)
-    print(f"proxy memory per rank, sharded W={args.world} vs replicated: {ratio:.3f}×")
+    print(summary)
     return 0
 
 

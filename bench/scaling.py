@@ -6,10 +6,11 @@ Three measurements, each per rank and against W = 1:
   rank's own work) to rank this rank's share of the queries against the whole gallery
   (``trainer.evaluation.rank.rank_queries`` on ``query_rows``; the gather of per-query results is
   excluded: it is 24 bytes per query). Goal: ≈ 1/W.
-- **clustering**: the Python-heap peak (tracemalloc: numpy and scipy arrays) of the distributed
-  ``jaccard_dbscan`` on each rank, and its seconds. The goal of issue 11 is ≤ 40 % of W = 1 at W = 4
-  for N = 32,621; today the k-NN lists, V/V' rows and edges are all-gathered (same labels as one
-  process), so the figure shows how far that is.
+- **clustering**: the working memory of the distributed ``jaccard_dbscan`` on each rank (peak RSS
+  during the call minus the RSS before it, everything counted: k-NN blocks, exchanged rows,
+  scipy/numpy arrays; ``bench/million.py``'s measurement, whose rank function this runs), its
+  seconds, and whether every rank's labels equal W = 1's. Every stage is sharded by rows. The goal of
+  issue 11 is ≤ 40 % of W = 1 at W = 4 for N = 32,621 (d = 384, TMGF's clustering parameters).
 - **images**: the proportional set size (Pss) of the mapped shard files in W processes that opened
   the same pack with ``data.store=memory`` (``trainer.data.store.memory_use``; Linux): the node
   holds one copy when the W Pss values add up to one pack.
@@ -21,10 +22,8 @@ Three measurements, each per rank and against W = 1:
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -90,24 +89,7 @@ def _eval_rank(rank: int, world: int, q: int, g: int, d: int, repeats: int) -> d
     return {"rows": b - a, "seconds": min(times)}
 
 
-# -- clustering ---------------------------------------------------------------------------------
-
-def _cluster_rank(rank: int, world: int, n: int, d: int) -> dict[str, float]:
-    from trainer.cluster.pipeline import jaccard_dbscan
-
-    rng = np.random.default_rng(1)
-    ids = n // 30
-    centers = rng.standard_normal((ids, d)).astype(np.float32)
-    x = centers[rng.integers(0, ids, n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    tracemalloc.start()
-    t = time.perf_counter()
-    labels = jaccard_dbscan(x, k1=30, k2=6, eps=0.6, min_samples=4, distributed=True)
-    seconds = time.perf_counter() - t  # wall: the ranks exchange rows, so CPU time alone would hide waits
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return {"peak_mb": peak / 2**20, "seconds": seconds, "clusters": int(labels.max()) + 1}
-
+# -- clustering: bench/million.py's rank function (working memory = peak RSS minus RSS before the call)
 
 # -- images -------------------------------------------------------------------------------------
 
@@ -148,11 +130,14 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--gallery", type=positive_int, default=82_161)
     p.add_argument("--dim", type=positive_int, default=768)
     p.add_argument("--cluster-n", type=positive_int, default=32_621)
+    p.add_argument("--cluster-dim", type=positive_int, default=384)
+    p.add_argument("--knn-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the clustering's exact k-NN candidate pass (jaccard_dbscan knn_precision)")
     p.add_argument("--images", type=positive_int, default=3_000)
     p.add_argument("--repeats", type=positive_int, default=2)
     args = p.parse_args(argv)
     if args.quick:
-        args.queries, args.gallery, args.dim, args.cluster_n, args.images = 600, 3_000, 128, 2_000, 400
+        args.queries, args.gallery, args.dim, args.cluster_n, args.images = 600, 3_000, 128, 4_000, 400
     worlds = list(args.worlds)
     print(f"# {PROG}: W = {worlds}, 1 torch thread per rank, gloo; {os.cpu_count()} CPUs here")
 
@@ -165,14 +150,23 @@ def _main(argv: list[str] | None) -> int:
         print(f"W={w}: rows per rank {[r['rows'] for r in res]}, busiest rank {worst:.3f} CPU s, "
               f"{worst / base:.3f} of W=1 (ideal {1 / w:.3f})")
 
-    print(f"\n## clustering: N = {args.cluster_n}, distributed jaccard_dbscan, Python-heap peak per rank")
-    base = None
-    for w in worlds:
-        res = spawn(_cluster_rank, w, args.cluster_n, 64)
-        peak = max(r["peak_mb"] for r in res)
-        base = base or peak
-        print(f"W={w}: peak {peak:.1f} MB per rank ({peak / base:.2f} of W=1; goal at W=4: <= 0.40), "
-              f"{statistics.mean(r['seconds'] for r in res):.2f} s, {res[0]['clusters']} clusters")
+    print(f"\n## clustering: N = {args.cluster_n}, d = {args.cluster_dim}, distributed jaccard_dbscan (exact k-NN, "
+          f"precision {args.knn_precision}), working memory per rank = peak RSS minus RSS before the call")
+    from bench.million import make_features, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        feats = os.path.join(tmp, "x.npy")
+        make_features(feats, args.cluster_n, args.cluster_dim, 0)
+        first: dict[str, Any] | None = None
+        for w in worlds:
+            r = run(feats, w, {"knn_precision": args.knn_precision}, 1)
+            first = first or r
+            ratio = r["work"] / max(first["work"], 1)
+            equal = np.array_equal(r["labels"], first["labels"]) and r["ranks_agree"]
+            same = "identical to" if equal else "DIFFER from"
+            print(f"W={w}: working memory {r['work'] / 2**20:.1f} MiB per rank ({ratio:.2f} of W=1; goal at W=4: "
+                  f"<= 0.40), {r['seconds']:.2f} s (k-NN {r['knn_seconds']:.2f} s), sent {r['sent_mib']:.1f} MiB "
+                  f"per rank, {int(r['labels'].max()) + 1} clusters, labels {same} W=1")
 
     print(f"\n## images: {args.images} synthetic JPEGs packed, data.store=memory in W processes")
     with tempfile.TemporaryDirectory() as tmp:

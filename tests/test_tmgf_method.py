@@ -125,6 +125,31 @@ def test_recluster_matches_naive_restatement(tmp_path: Path) -> None:
         assert (ids >= 0).all() and (ids == ids[:, :1]).all() and len(set(ids[:, 0].tolist())) == t.proxies_per_batch
 
 
+def test_ivf_knn_settings_reach_the_clustering(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """tmgf.knn_index=ivf clusters through faiss IVF: with every list probed it is exact search (same labels
+    as flat); with one list probed its measured recall falls under knn_recall_floor=1 and the one-line
+    warning names tmgf.knn_nprobe."""
+    import logging
+
+    from trainer.cluster.knn import default_nlist
+
+    method, model = _method_and_model(_cfg(tmp_path))
+    feats = method.extract_train(model)
+    flat = method.cluster(feats)
+    nlist = default_nlist(feats.shape[0])
+    assert nlist > 1, "the smoke set must give the IVF index more than one list"
+    method.t = dataclasses.replace(method.t, knn_index="ivf", knn_nprobe=nlist)
+    with caplog.at_level(logging.INFO, logger="trainer.cluster.pipeline"):
+        assert np.array_equal(method.cluster(feats), flat)
+    assert "IVF k-NN recall@20 = 1.0000" in caplog.text and "knn_recall_floor" not in caplog.text
+    caplog.clear()
+    method.t = dataclasses.replace(method.t, knn_nprobe=1, knn_recall_floor=1.0)
+    with caplog.at_level(logging.INFO, logger="trainer.cluster.pipeline"):
+        method.cluster(feats)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "raise tmgf.knn_nprobe (now 1" in warnings[0], warnings
+
+
 def test_training_labels_are_never_read(tmp_path: Path) -> None:
     """Unsupervised: scrambling the true identities changes only the report (ARI), not the pseudo labels."""
     method, model = _method_and_model(_cfg(tmp_path))

@@ -1,4 +1,5 @@
-"""Sparse k-reciprocal Jaccard distance (ClusterContrast/TMGF ``compute_jaccard_distance``), O(N k) memory.
+"""Sparse k-reciprocal Jaccard distance (ClusterContrast/TMGF ``compute_jaccard_distance``), O(N k) memory,
+sharded by rows over the ranks.
 
 Every step reproduces the official dense code value for value (``reference.py`` is the dense
 restatement the tests compare against):
@@ -16,6 +17,20 @@ restatement the tests compare against):
 
 Only the pairs with ``J <= eps`` are returned (DBSCAN needs nothing else), as ``i <= j`` edges; ``m`` is
 symmetric bit for bit because both orders add the same terms in the same column order.
+
+**Sharding** (``shard.Shards``; docs/clustering.md walks through it). Each rank holds the k-NN rows,
+V rows and V' rows of its own points and asks other ranks only for what a row needs, in rounds of a
+fraction of its rows (so a round's transient arrays shrink with W too):
+
+* reciprocity: "is ``i`` in the k-NN list of ``c``, and where" is answered by the owner of ``c``
+  (:func:`knn_positions`), so no k-NN row travels; each rank then knows ``S_i`` and ``H_i`` of its rows;
+* expansion: the ``H_c`` rows (at most ``round(k1/2)+1`` ids) of the candidates ``c in S_i``;
+* query expansion: the V rows of ``R[i, :k2]``;
+* Jaccard: V' is transposed once to its column owners (an inverted index sharded by column,
+  :func:`column_table`); a row asks for the columns of its support, only their entries ``j >= i``.
+
+The functions without a ``Shards`` argument (``expansion_sets``, ``query_expansion``, ``jaccard_pairs``,
+``jaccard_edges``) are the same code on one process, for whole matrices.
 """
 
 from __future__ import annotations
@@ -24,71 +39,109 @@ import numpy as np
 import scipy.sparse as sp
 
 from .knn import exact_dots
+from .shard import Shards
 
 
-def _reciprocal(r: np.ndarray, cols: int, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Mask ``(len(rows), cols)``: is ``R[i, t]`` k-reciprocal, i.e. ``i in R[R[i, t], :cols]``."""
-    m = np.ascontiguousarray(r[:, :cols], dtype=np.int32)  # int32 halves the memory traffic
-    out = np.empty((len(rows), cols), bool)
-    for s in range(0, len(rows), chunk):
-        i = rows[s : s + chunk].astype(np.int32)
-        hits = (m[m[i]] == i[:, None, None]).view(np.uint8)  # i occurs at most once per list
-        out[s : s + chunk] = hits.sum(-1, dtype=np.uint8) > 0
-    return out
+def _ids_dtype(n: int) -> type[np.signedinteger]:
+    return np.int32 if n < 2**31 - 1 else np.int64  # int32 ids halve the memory traffic
 
 
-def expansion_sets(r: np.ndarray, k1: int, rows: tuple[int, int] | None = None,
-                   chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """CSR pattern ``(indptr, indices)`` of the expansion sets ``E_i`` for rows ``[start, stop)``.
+def _position(table: np.ndarray, who: np.ndarray) -> np.ndarray:
+    """Position of ``who[p]`` in the list ``table[p]`` (``table.shape[1]`` if absent; ids are unique per list)."""
+    if len(who) == 0:
+        return np.empty(0, np.int32)
+    eq = table == who[:, None].astype(table.dtype)
+    return np.where(eq.any(1), eq.argmax(1), table.shape[1]).astype(np.int32)
 
-    ``r`` is the full ``(N, k1)`` k-NN list (sorted, as :func:`trainer.cluster.knn.exact_knn` returns it).
-    """
-    n, kcols = r.shape
-    if kcols != k1:
-        raise ValueError(f"expansion_sets: k-NN list has {kcols} columns, expected k1={k1}")
-    q0, q1 = rows if rows is not None else (0, n)
-    cs = min(k1 + 1, k1)  # the official slice R[i, :k1+1] on a k1-column array
+
+def knn_positions(sh: Shards, r: np.ndarray, block: int) -> np.ndarray:
+    """``pos[i, t]`` = position of ``i`` in the k-NN list of ``R[i, t]`` (``k1`` if absent), own rows ``i``.
+
+    The owner of ``R[i, t]`` answers, so only (id, id) pairs travel, never k-NN rows."""
+    m, k1 = r.shape
+    pos = np.empty((m, k1), np.int32)
+    for a, b in sh.blocks(m, block):
+        who = np.repeat(np.arange(sh.lo + a, sh.lo + b, dtype=np.int64), k1)
+        ans = sh.ask(r[a:b].reshape(-1), lambda loc, w: _position(r[loc], w), who)
+        pos[a:b] = ans.reshape(b - a, k1)
+    return pos
+
+
+def _h_table(r: np.ndarray, pos: np.ndarray, k1: int) -> np.ndarray:
+    """``H_i`` of the rows as ``(m, ch)`` ids padded with -1."""
     ch = min(int(np.around(k1 / 2)) + 1, k1)
-    all_rows = np.arange(n)
-    # H is needed for every candidate c, which can be any point
-    r = np.ascontiguousarray(r, dtype=np.int32)  # ids < 2**31; int32 halves the memory traffic
-    h_mask = _reciprocal(r, ch, all_rows)
-    h_ids = np.where(h_mask, r[:, :ch], np.int32(-1))
-    h_len = h_mask.sum(1)
-    keys = []
-    for s in range(q0, q1, chunk):
-        i = np.arange(s, min(q1, s + chunk))
-        s_mask = _reciprocal(r, cs, i)
-        s_ids = np.where(s_mask, r[i, :cs], np.int32(-2))  # -2 never matches an H pad (-1)
-        cand = r[i, :cs]
-        hc = h_ids[cand]  # (b, cs, ch)
+    return np.where(pos[:, :ch] < ch, r[:, :ch], -1).astype(r.dtype)
+
+
+def _expand(r: np.ndarray, s_mask: np.ndarray, cand: np.ndarray, cand_h: np.ndarray,
+            chunk_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """``E_i`` of a block of rows as ``(lengths, sorted ids)``; ``cand_h`` are the H rows of the sorted ids
+    ``cand``; the ``(rows, cs, ch, cs)`` comparison is done in chunks of about ``chunk_cells`` bytes."""
+    b, cs = r.shape
+    ch = cand_h.shape[1]
+    lens = np.zeros(b, np.int64)
+    out = []
+    step = max(1, chunk_cells // max(1, cs * ch * cs))
+    for s in range(0, b, step):
+        rr, sm = r[s : s + step], s_mask[s : s + step]
+        nb = len(rr)
+        s_ids = np.where(sm, rr, -2)  # -2 never matches an H pad (-1)
+        if len(cand):
+            loc = np.minimum(np.searchsorted(cand, rr), len(cand) - 1)
+            hc = np.where(sm[..., None], cand_h[loc], -1)  # only candidates in S_i are ever accepted
+        else:
+            hc = np.full((nb, cs, ch), -1, r.dtype)
+        h_len = (hc >= 0).sum(-1)
         # |H_c & S_i|: both sets hold distinct ids, so counting equal pairs counts the intersection
         eq = (hc[..., None] == s_ids[:, None, None, :]).view(np.uint8)
-        cnt = eq.reshape(len(i), cs, -1).sum(-1, dtype=np.int32)
-        accept = s_mask & (cnt > 2 / 3 * h_len[cand])
-        ids = np.concatenate([s_ids.reshape(len(i), -1), np.where(accept[..., None], hc, -1).reshape(len(i), -1)], 1)
+        cnt = eq.reshape(nb, cs, -1).sum(-1, dtype=np.int32)
+        accept = sm & (cnt > 2 / 3 * h_len)
+        ids = np.concatenate([s_ids, np.where(accept[..., None], hc, -1).reshape(nb, -1)], 1)
         valid = ids >= 0
-        keys.append(np.repeat(i.astype(np.int64), valid.sum(1)) * n + ids[valid].astype(np.int64))
-    key = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
-    if len(key):  # unique by sorting: np.unique's hash path is many times slower on int64 keys
-        key = key[np.concatenate([[True], key[1:] != key[:-1]])]
-    row = key // n
-    indices = key - row * n
-    indptr = np.zeros(q1 - q0 + 1, np.int64)
-    np.cumsum(np.bincount(row - q0, minlength=q1 - q0), out=indptr[1:])
-    return indptr, indices
+        n_all = int(ids.max(initial=0)) + 1
+        key = np.repeat(np.arange(nb, dtype=np.int64), valid.sum(1)) * n_all + ids[valid].astype(np.int64)
+        key.sort()  # unique by sorting: np.unique's hash path is many times slower on int64 keys
+        key = key[np.concatenate([[True], key[1:] != key[:-1]])] if len(key) else key
+        row = key // n_all
+        lens[s : s + nb] = np.bincount(row, minlength=nb)
+        out.append(key - row * n_all)
+    return lens, (np.concatenate(out) if out else np.empty(0, np.int64))
+
+
+def expansion_sets_sharded(sh: Shards, r: np.ndarray, k1: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR pattern ``(indptr, indices)`` of ``E_i`` for this rank's rows; ``r`` are their k-NN lists ``(m, k1)``."""
+    m, kcols = r.shape
+    if kcols != k1:
+        raise ValueError(f"expansion_sets: k-NN list has {kcols} columns, expected k1={k1}")
+    r = np.ascontiguousarray(r, dtype=_ids_dtype(sh.n))
+    pos = knn_positions(sh, r, block)
+    h_own = _h_table(r, pos, k1)
+    s_mask = pos < k1  # the official slice R[i, :k1+1] on a k1-column array: reciprocal anywhere in the list
+    del pos
+    lens, parts = np.zeros(m, np.int64), []
+    for a, b in sh.blocks(m, block):
+        cand = np.unique(r[a:b][s_mask[a:b]])
+        ln, ids = _expand(r[a:b], s_mask[a:b], cand, sh.ask(cand, lambda loc: h_own[loc]), 512 * block)
+        lens[a:b] = ln
+        parts.append(ids.astype(_ids_dtype(sh.n)))
+    indptr = np.zeros(m + 1, np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    return indptr, (np.concatenate(parts) if parts else np.empty(0, _ids_dtype(sh.n)))
+
+
+def expansion_sets(r: np.ndarray, k1: int, block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """CSR pattern ``(indptr, indices)`` of the expansion sets ``E_i`` of all rows of the full k-NN list ``r``."""
+    return expansion_sets_sharded(Shards(len(r)), r, k1, block)
 
 
 def encode(x: np.ndarray, indptr: np.ndarray, indices: np.ndarray, row0: int = 0,
            chunk: int = 4096) -> np.ndarray:
-    """Float32 softmax weights ``V[i, E_i]`` (row ``i = row0 + local``), aligned with ``indices``.
+    """Float32 softmax weights ``V[i, E_i]`` (row ``i = row0 + local``), aligned with ``indices``, ``chunk``
+    rows at a time.
 
     ``x`` are the snapped features: the similarities are exact (see ``knn.py``)."""
     nrow = len(indptr) - 1
     lens = np.diff(indptr)
-    rows = np.repeat(np.arange(row0, row0 + nrow), lens)
-    sims = exact_dots(x, rows, indices)
-    z_flat = -(2.0 - 2.0 * sims)
     data = np.empty(len(indices), np.float32)
     for s in range(0, nrow, chunk):
         e = min(nrow, s + chunk)
@@ -97,9 +150,10 @@ def encode(x: np.ndarray, indptr: np.ndarray, indices: np.ndarray, row0: int = 0
         if width == 0:
             continue
         loc = np.repeat(np.arange(e - s), lens[s:e])
+        sims = exact_dots(x, loc + (row0 + s), indices[lo:hi], chunk=256)  # ~1.5 MB of float64 rows at d=384
         pos = np.arange(hi - lo) - (indptr[s:e] - lo)[loc]
         z = np.full((e - s, width), -np.inf)
-        z[loc, pos] = z_flat[lo:hi]
+        z[loc, pos] = -(2.0 - 2.0 * sims)
         zmax = z.max(1, keepdims=True)
         zmax[~np.isfinite(zmax)] = 0.0
         ex = np.exp(z - zmax)  # padding gives exp(-inf) = 0 at the end of a row
@@ -109,107 +163,225 @@ def encode(x: np.ndarray, indptr: np.ndarray, indices: np.ndarray, row0: int = 0
     return data
 
 
-def query_expansion(v: sp.csr_matrix, r: np.ndarray, k2: int, rows: tuple[int, int] | None = None) -> sp.csr_matrix:
-    """``V'[i] = mean(V[R[i, :k2]])`` in float32 for rows ``[start, stop)`` (k2 = 1: V unchanged)."""
-    n = v.shape[0]
-    q0, q1 = rows if rows is not None else (0, n)
+def _take_rows(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, positions)`` of the CSR rows ``rows``: their entries' positions, row after row."""
+    lens = indptr[rows + 1] - indptr[rows]
+    tot = int(lens.sum())
+    starts = np.cumsum(lens) - lens
+    return lens, np.arange(tot, dtype=np.int64) + np.repeat(indptr[rows] - starts, lens)
+
+
+def _csr_rows(m: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return m.indptr.astype(np.int64), m.indices, m.data
+
+
+def query_expansion_sharded(sh: Shards, v: sp.csr_matrix, r: np.ndarray, k2: int, block: int) -> sp.csr_matrix:
+    """``V'[i] = mean(V[R[i, :k2]])`` in float32 for this rank's rows (k2 = 1: V unchanged).
+
+    ``v`` and ``r`` are this rank's rows of V (``m x N`` CSR) and of the k-NN lists; the V rows of
+    ``R[i, :k2]`` come from their owners, one round of rows at a time."""
+    m, n = v.shape
     if k2 == 1:
-        out = v[q0:q1].astype(np.float32)
-    else:
-        acc = v[r[q0:q1, 0]]
+        out = v.astype(np.float32)
+        out.eliminate_zeros()
+        out.sort_indices()
+        return out
+    v_ptr, v_idx, v_val = _csr_rows(v)
+
+    def answer(loc: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        lens, p = _take_rows(v_ptr, loc)
+        return lens, [v_idx[p], v_val[p]]
+
+    parts = []
+    for a, b in sh.blocks(m, block):
+        need = np.unique(r[a:b, :k2])
+        lens, (idx, val) = sh.ask_rows(need, answer)
+        ptr = np.zeros(len(need) + 1, np.int64)
+        np.cumsum(lens, out=ptr[1:])
+        got = sp.csr_matrix((val, idx, ptr), shape=(len(need), n))
+        loc = np.searchsorted(need, r[a:b, :k2])
+        acc = got[loc[:, 0]]
         acc.sort_indices()
         for t in range(1, k2):  # left to right in k-NN order: float32 (((v0 + v1) + v2) + ...)
-            part = v[r[q0:q1, t]]
+            part = got[loc[:, t]]
             part.sort_indices()
             acc = acc + part
-        out = acc.tocsr()
-        out.data = (out.data / np.float32(k2)).astype(np.float32)
+        acc = acc.tocsr()
+        acc.data = (acc.data / np.float32(k2)).astype(np.float32)
+        parts.append(acc)
+    out = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, n), dtype=np.float32)
     out.eliminate_zeros()
     out.sort_indices()
     return out
 
 
-def jaccard_edges(vq: sp.csr_matrix, eps: float, rows: tuple[int, int] | None = None,
-                  budget: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)``, ``i <= j``, ``i`` in ``[start, stop)``, with ``J_ij <= eps`` (self pairs included)."""
-    i, j, _ = jaccard_pairs(vq, eps, rows, budget)
-    return i, j
+def query_expansion(v: sp.csr_matrix, r: np.ndarray, k2: int, block: int = 8192) -> sp.csr_matrix:
+    """``V'[i] = mean(V[R[i, :k2]])`` in float32 for all rows of the full V and k-NN list (k2 = 1: V unchanged)."""
+    return query_expansion_sharded(Shards(v.shape[0]), v, r, k2, block)
 
 
-def jaccard_pairs(vq: sp.csr_matrix, eps: float | None = None, rows: tuple[int, int] | None = None,
-                  budget: int = 1 << 22, max_triples: int = 1 << 19) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(i, j, J_ij)`` for ``i <= j``, ``i`` in ``[start, stop)``, with shared support (and ``J <= eps``).
+class ColumnTable:
+    """This rank's columns of V' (an inverted index: for each column, its rows ``j`` ascending and values).
 
-    Without ``eps`` every pair with shared support is returned (tests compare them with the dense
-    reference); all other pairs have ``J = 1`` exactly.
+    ``key = local column * N + j`` is sorted, so the entries ``j >= i`` of a column are a suffix found by
+    one ``searchsorted``."""
 
-    ``vq`` is the full query-expanded V' (N x N CSR, sorted indices). Rows are processed in blocks
-    whose dense float32 accumulator (block x N, the official ``temp_min``) has at most ``budget``
-    entries and whose triples ``(i, c, j)`` number about ``max_triples``; triples are added with
-    ``np.add.at``, which adds in array order: for each pair the shared columns arrive in ascending
-    order, as in the official loop. ``J`` is non-increasing in ``m`` (every float32 step is monotone),
-    so only pairs with ``m`` just below the exact threshold ``2(1 - eps)/(2 - eps)`` or above are
-    evaluated with the float32 formula.
-    """
-    n = vq.shape[0]
-    q0, q1 = rows if rows is not None else (0, n)
-    csc = vq.tocsc()
-    csc.sort_indices()
-    c_ptr, c_idx, c_val = csc.indptr, csc.indices.astype(np.int64), csc.data
-    r_ptr, r_idx, r_val = vq.indptr, vq.indices, vq.data
-    # position of each CSR entry (i, c) inside column c of the CSC: the suffix after it holds j >= i
-    nnz = len(r_idx)
-    r_row = np.repeat(np.arange(n, dtype=np.int64), np.diff(r_ptr))
-    order = np.lexsort((r_row, r_idx))  # CSR entries sorted by (column, row) = CSC order
-    csc_pos = np.empty(nnz, np.int64)
-    csc_pos[order] = np.arange(nnz)
+    def __init__(self, sh: Shards, key: np.ndarray, val: np.ndarray) -> None:
+        self.n = sh.n
+        self.key, self.val = key, val
+        self.ptr = np.searchsorted(key, np.arange(sh.rows + 1, dtype=np.int64) * sh.n)
+
+    def answer(self, loc: np.ndarray, jmin: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Entries ``j >= jmin`` of the local columns ``loc``: ``(lengths, [j, values])``."""
+        start = np.searchsorted(self.key, loc * self.n + jmin)
+        lens = self.ptr[loc + 1] - start
+        starts = np.cumsum(lens) - lens
+        p = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(start - starts, lens)
+        k = self.key[p]
+        return lens, [(k - (k // self.n) * self.n).astype(_ids_dtype(self.n)), self.val[p]]
+
+
+def column_table(sh: Shards, vq: sp.csr_matrix, row0: int, block: int | None = None) -> ColumnTable:
+    """Transpose the V' rows ``row0 + local`` (``vq``) to the owners of their columns, in rounds of
+    ``block`` rows (default: all at once; the same on every rank), then sort each column's entries by row."""
+    m, n = vq.shape
+    ptr = vq.indptr.astype(np.int64)
+    keys, vals = [], []
+    for a, b in sh.blocks(m, block or max(sh.max_rows, m, 1)):
+        lo, hi = ptr[a], ptr[b]
+        rows = np.repeat(np.arange(row0 + a, row0 + b, dtype=np.int64), np.diff(ptr[a : b + 1]))
+        col, (j, val) = sh.send_to_owners(vq.indices[lo:hi], rows, vq.data[lo:hi])
+        keys.append(col * n + j)
+        vals.append(val)
+    key, val = np.concatenate(keys), np.concatenate(vals)
+    del keys, vals
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    val = val[order]
+    return ColumnTable(sh, key, val)
+
+
+def _ordered_sums(key: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 sums of ``val`` per distinct ``key``, each added left to right in array order.
+
+    A stable sort groups the keys and keeps their order; the groups are then summed one position at a
+    time (all groups at once), so every sum is ``((v0 + v1) + v2) + ...`` in float32, the order of the
+    official ``temp_min[...] += ...`` loop — not numpy's pairwise summation."""
+    order = np.argsort(key, kind="stable")
+    ks, vs = key[order], val[order]
     del order
-    suffix = c_ptr[r_idx.astype(np.int64) + 1] - csc_pos  # triples of each CSR entry
-    row_tri = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(r_row, weights=suffix, minlength=n).astype(np.int64), out=row_tri[1:])
-    max_rows = max(1, budget // max(n, 1))
-    m_lo = -1.0 if eps is None else 2 * (1 - eps) / (2 - eps) * (1 - 1e-4)
-    acc = np.zeros(min(q1 - q0, max_rows) * n, np.float32)
-    last = np.full(len(acc), -1, np.int32)
-    out_i, out_j, out_v = [], [], []
-    b0 = q0
-    while b0 < q1:
-        # rows [b0, b1): at most max_rows, about max_triples triples (at least one row)
+    head = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]])) if len(ks) else np.empty(0, np.int64)
+    lens = np.diff(np.append(head, len(ks)))
+    m = vs[head].copy()
+    act = np.arange(len(head))
+    t = 1
+    while True:
+        act = act[lens[act] > t]
+        if len(act) == 0:
+            break
+        m[act] += vs[head[act] + t]
+        t += 1
+    return ks[head], m
+
+
+def _pairs_block(r_ptr: np.ndarray, r_idx: np.ndarray, r_val: np.ndarray, row0: int, cols: np.ndarray,
+                 c_len: np.ndarray, c_j: np.ndarray, c_val: np.ndarray, n: int, eps: float | None,
+                 max_triples: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Pairs ``(i, j >= i, J)`` of a block of V' rows (``row0 + local``) from the fetched columns ``cols``."""
+    nrow = len(r_ptr) - 1
+    c_ptr = np.zeros(len(cols) + 1, np.int64)
+    np.cumsum(c_len, out=c_ptr[1:])
+    e_row = np.repeat(np.arange(row0, row0 + nrow, dtype=np.int64), np.diff(r_ptr))
+    e_col = np.searchsorted(cols, r_idx)
+    # The fetched columns hold the entries j >= row0, so the entries above (i, c) in column c are the
+    # block's own entries of column c in rows before i: its rank in the column is its rank among them.
+    by_col = np.argsort(e_col, kind="stable")  # row order within each column
+    rank = np.empty(len(e_col), np.int64)
+    cnt = np.bincount(e_col, minlength=len(cols))
+    rank[by_col] = np.arange(len(e_col)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    del by_col
+    start = c_ptr[e_col] + rank  # column suffix j >= i (the entry (i, c) itself first)
+    suffix = c_ptr[e_col + 1] - start
+    row_tri = np.zeros(nrow + 1, np.int64)
+    np.cumsum(np.bincount(e_row - row0, weights=suffix, minlength=nrow).astype(np.int64), out=row_tri[1:])
+    out_i: list[np.ndarray] = []
+    out_j: list[np.ndarray] = []
+    out_v: list[np.ndarray] = []
+    b0 = 0
+    while b0 < nrow:  # rows [b0, b1): about max_triples triples (at least one row)
         b1 = int(np.searchsorted(row_tri, row_tri[b0] + max_triples, side="right")) - 1
-        b1 = min(q1, b0 + max_rows, max(b1, b0 + 1))
+        b1 = min(nrow, max(b1, b0 + 1))
         lo, hi = r_ptr[b0], r_ptr[b1]
         lens = suffix[lo:hi]
         tot = int(row_tri[b1] - row_tri[b0])
-        if tot == 0:
-            b0 = b1
-            continue
-        starts = np.cumsum(lens) - lens
-        pos = np.arange(tot) + np.repeat(csc_pos[lo:hi] - starts, lens)
-        key = np.repeat((r_row[lo:hi] - b0) * n, lens) + c_idx[pos]
-        val = np.minimum(np.repeat(r_val[lo:hi], lens), c_val[pos])
-        del pos
-        np.add.at(acc, key, val)
-        m = acc[key]
-        acc[key] = 0
-        cand = np.flatnonzero(m >= m_lo).astype(np.int32)
-        kc = key[cand]
-        np.maximum.at(last, kc, cand)  # one triple per pair: its last one
-        pick = cand[last[kc] == cand]
-        last[kc] = -1
-        mp = m[pick]
-        jac = 1 - mp / (2 - mp)  # float32, as the official ``1 - temp_min / (2 - temp_min)``
-        jac[jac < 0] = 0
-        if eps is not None:
-            keep = jac <= eps
-            pick, jac = pick[keep], jac[keep]
-        kp = key[pick]
-        out_i.append(kp // n + b0)
-        out_j.append(kp % n)
-        out_v.append(jac)
+        if tot:
+            starts = np.cumsum(lens) - lens
+            p = np.arange(tot, dtype=np.int64) + np.repeat(start[lo:hi] - starts, lens)
+            # triples in row order, each row's columns ascending, each column's j ascending: for a pair,
+            # its shared columns arrive in ascending order, as in the official loop
+            key = np.repeat(e_row[lo:hi] - (row0 + b0), lens) * n + c_j[p]
+            val = np.minimum(np.repeat(r_val[lo:hi], lens), c_val[p])
+            del p
+            pk, mp = _ordered_sums(key, val)
+            del key, val
+            jac = 1 - mp / (2 - mp)  # float32, as the official ``1 - temp_min / (2 - temp_min)``
+            jac[jac < 0] = 0
+            if eps is not None:
+                keep = jac <= eps
+                pk, jac = pk[keep], jac[keep]
+            out_i.append(pk // n + (row0 + b0))
+            out_j.append(pk % n)
+            out_v.append(jac)
         b0 = b1
+    return out_i, out_j, out_v
+
+
+def jaccard_pairs_sharded(sh: Shards, vq: sp.csr_matrix, row0: int, table: ColumnTable, eps: float | None,
+                          block: int, max_triples: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i, j, J_ij)``, ``i <= j``, for the V' rows ``row0 + local`` (``vq``) with shared support (and ``J <= eps``).
+
+    Every rank runs the same number of rounds; in each, a rank asks the column owners (``table``) for
+    the columns of its rows' support, only their entries ``j >= `` the round's first row. Triples
+    ``(i, c, j)`` are summed ``max_triples`` at a time (default ``64 * block``: a few per row of a round)."""
+    max_triples = max_triples or 64 * block
+    m, n = vq.shape
+    ptr, idx, val = _csr_rows(vq)
+    out_i: list[np.ndarray] = []
+    out_j: list[np.ndarray] = []
+    out_v: list[np.ndarray] = []
+    for a, b in sh.blocks(m, block):
+        lo, hi = ptr[a], ptr[b]
+        cols = np.unique(idx[lo:hi])
+        c_len, (c_j, c_val) = sh.ask_rows(cols, table.answer, np.full(len(cols), row0 + a, np.int64))
+        pi, pj, pv = _pairs_block(ptr[a : b + 1] - lo, idx[lo:hi], val[lo:hi], row0 + a, cols, c_len,
+                                  c_j.astype(np.int64), c_val, n, eps, max_triples)
+        out_i += pi
+        out_j += pj
+        out_v += pv
     if not out_i:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_v)
 
 
-__all__ = ["expansion_sets", "encode", "query_expansion", "jaccard_edges", "jaccard_pairs"]
+def jaccard_pairs(vq: sp.csr_matrix, eps: float | None = None, rows: tuple[int, int] | None = None,
+                  block: int = 8192, max_triples: int = 1 << 19) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i, j, J_ij)`` for ``i <= j``, ``i`` in ``[start, stop)``, with shared support (and ``J <= eps``).
+
+    Without ``eps`` every pair with shared support is returned (tests compare them with the dense
+    reference); all other pairs have ``J = 1`` exactly. ``vq`` is the full query-expanded V'
+    (N x N CSR, sorted indices). Pairs come sorted by ``(i, j)``."""
+    n = vq.shape[0]
+    q0, q1 = rows if rows is not None else (0, n)
+    sh = Shards(n)
+    return jaccard_pairs_sharded(sh, vq[q0:q1], q0, column_table(sh, vq, 0), eps, block, max_triples)
+
+
+def jaccard_edges(vq: sp.csr_matrix, eps: float, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i <= j``, ``i`` in ``[start, stop)``, with ``J_ij <= eps`` (self pairs included)."""
+    i, j, _ = jaccard_pairs(vq, eps, rows)
+    return i, j
+
+
+__all__ = ["knn_positions", "expansion_sets", "expansion_sets_sharded", "encode", "query_expansion",
+           "query_expansion_sharded", "ColumnTable", "column_table", "jaccard_pairs", "jaccard_pairs_sharded",
+           "jaccard_edges"]

@@ -150,8 +150,9 @@ def _dots2(a: np.ndarray, ia: np.ndarray, b: np.ndarray, ib: np.ndarray, chunk: 
     return out
 
 
-def exact_norms(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Exact squared norms (float64) of snapped features."""
+def exact_norms(x: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Exact squared norms (float64) of snapped features (float64 rows ``chunk`` at a time: a small fixed
+    temporary, so a rank's working memory keeps falling with its share of the rows)."""
     out = np.empty(len(x), np.float64)
     for s in range(0, len(x), chunk):
         a = x[s : s + chunk].astype(np.float64)
@@ -276,25 +277,20 @@ class _TopK:
         hit = torch.nonzero(best > thr).flatten()
         if hit.numel() == 0:
             return
-        if transposed:
-            sub = s.index_select(1, hit).float()
-            ci, rj = torch.nonzero(sub > thr.index_select(0, hit)[None, :], as_tuple=True)
-            vals = sub[ci, rj]
-            o = torch.argsort(rj, stable=True)  # group by row
-            rj, ci, vals = rj[o], ci[o], vals[o]
-            sub = sub.T
-        else:
-            sub = s.index_select(0, hit).float()
-            rj, ci = torch.nonzero(sub > thr.index_select(0, hit)[:, None], as_tuple=True)  # row-major
-            vals = sub[rj, ci]
-        heavy_mask = torch.bincount(rj, minlength=len(hit)) > 2 * self.kk
-        if bool(heavy_mask.any()):  # rows with many candidates (loose thresholds): a dense top-k is cheaper
+        # the hit rows as float32 (exact), one row per query row (a transposed view: no copy)
+        sub = s.index_select(1, hit).float().T if transposed else s.index_select(0, hit).float()
+        mask = sub > thr.index_select(0, hit)[:, None]
+        # rows with many candidates (loose thresholds): a dense top-k is cheaper, and they are taken out
+        # before the sparse listing, whose indices (16 bytes a candidate) would otherwise dwarf the block
+        heavy_mask = mask.sum(1) > 2 * self.kk
+        if bool(heavy_mask.any()):
             heavy = torch.nonzero(heavy_mask).flatten()
             v, i = torch.topk(sub.index_select(0, heavy), min(self.kk, sub.shape[1]), dim=1)
             self.merge_dense(hit[heavy] + r0, v, i + c0)
-            light = ~heavy_mask[rj]
-            rj, ci, vals = rj[light], ci[light], vals[light]
-        self.merge(hit[rj] + r0, ci + c0, vals)
+            light = torch.nonzero(~heavy_mask).flatten()
+            sub, mask, hit = sub.index_select(0, light), mask.index_select(0, light), hit[light]
+        rj, ci = torch.nonzero(mask, as_tuple=True)  # row-major: grouped by row, columns ascending
+        self.merge(hit[rj] + r0, ci + c0, sub[rj, ci])
 
     def merge(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
         """Add candidates; ``rows`` must be grouped (non-decreasing), as ``torch.nonzero`` returns them."""
@@ -355,9 +351,13 @@ def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
         spread = float(norms.max() - norms.min()) / 2
         fold = spread <= 1e-4 * max(float(norms.max()), 1e-300)
         hn = None if fold else torch.from_numpy((norms / 2).astype(np.float32)).to(device)
-        if low:
-            xt = xt.to(torch.bfloat16)
         symmetric = q0 == 0 and q1 == n
+        if low and symmetric:  # every block serves many others: convert the whole matrix once
+            xt = xt.to(torch.bfloat16)
+        # a slice of the rows (a rank's shard): bf16 copies of its own rows only, and of each column block
+        # as the GEMM takes it (1/block of the GEMM's work), not an N x d copy on every rank
+        convert = low and not symmetric
+        own = xt[q0:q1].to(torch.bfloat16) if convert else None
         perm = None
         if symmetric and n > 2 * block:  # cluster-sorted order: tight thresholds from the first block
             perm = _locality_order(xt)
@@ -366,8 +366,13 @@ def _approx_torch(x32: np.ndarray, norms: np.ndarray, q0: int, q1: int, kk: int,
         top = _TopK(q1 - q0, kk, device)
         row_blocks = _chunks(q0, q1, block)
 
+        def part(a: int, b: int) -> torch.Tensor:
+            if own is not None and q0 <= a and b <= q1:
+                return own[a - q0 : b - q0]
+            return xt[a:b].to(torch.bfloat16) if convert else xt[a:b]
+
         def scores(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-            g = _gemm(xt[r0:r1], xt[c0:c1])
+            g = _gemm(part(r0, r1), part(c0, c1))
             return g if hn is None else g.float().sub_(hn[c0:c1])  # the subtraction in float32
 
         for r0, r1 in row_blocks:  # dense start: the rows' own block
@@ -552,7 +557,7 @@ def _use_bf16(precision: str, backend: str, device: torch.device, pairs: int) ->
     return device.type == "cpu" and cpu_has_fast_bf16() and pairs >= _BF16_MIN_PAIRS
 
 
-def _bf16_norms(x32: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def _bf16_norms(x32: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """``(|bf16(x_i)|, |x_i - bf16(x_i)|)`` in float64: the rounded rows and their exact rounding errors
     (``x - bf16(x)`` is exact in float64), from the same round-to-nearest conversion the GEMM uses."""
     nh = np.empty(len(x32))

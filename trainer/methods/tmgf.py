@@ -255,7 +255,8 @@ class TMGFMethod(Method):
             return np.asarray(self.train_store.pid, dtype=np.int64).copy()
         x = cluster_features(feats, self.t.cluster_feature)
         kw: dict[str, Any] = dict(k1=self.t.k1, k2=self.t.k2, eps=self.t.eps, min_samples=self.t.min_samples,
-                  knn_backend=self.t.knn_backend)
+                                  knn_backend=self.t.knn_backend, knn_index=self.t.knn_index,
+                                  nprobe=self.t.knn_nprobe, recall_floor=self.t.knn_recall_floor)
         if dist.get_world_size() > 1 and self.t.cluster_distributed:
             return jaccard_dbscan(x, distributed=True, **kw)
         # one rank clusters, the others receive its labels (identical everywhere by construction)
