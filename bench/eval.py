@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench.cli import Parser, positive_int, run_cli
+from bench.memory import mark, working_memory
 
 SIZES = {  # name: (queries, gallery, identities, cameras)
     "quick": (600, 3000, 150, 6),
@@ -137,41 +138,6 @@ def tie_at_a_match(dist_row: np.ndarray, g_pids: np.ndarray, g_camids: np.ndarra
     return bool(np.isin(dist_row[same & kept], dist_row[kept & ~same]).any())
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> float:
-    """Reset the peak-RSS mark where Linux allows it; return the RSS the increase is measured from."""
-    try:  # hand freed heap back first, or later allocations reuse it unseen (glibc)
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        rss = _status_mb("VmRSS")
-        if rss is not None:
-            return rss
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # fallback: high-water mark so far
-
-
-def _peak_mb() -> float:
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _volunteer_for_oom() -> None:
     """On a shared machine a baseline near the RAM limit should be the process the kernel ends."""
     try:
@@ -196,7 +162,7 @@ def child(variant: str, case: Case, device: str, block_size: int | None) -> dict
         _volunteer_for_oom()
         pairwise_distance(qf[:32], gf[:256], device=device)
     gc.collect()
-    rss0 = _reset_peak()
+    m = mark()  # bench/memory.py: the peak of what follows only, freed heap handed back first
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     t0 = time.perf_counter()
     out: dict[str, Any] = {"variant": variant}
@@ -205,7 +171,7 @@ def child(variant: str, case: Case, device: str, block_size: int | None) -> dict
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        peak = _peak_mb() - rss0
+        peak = working_memory(m) / 2**20
         # Untimed above: the distance blocks alone (same blocks), to split matmul from ranking time.
         dist_seconds = _distance_only_seconds(qf, gf, block_size, device)
         out.update(mAP=res["mAP"], cmc=np.asarray(res["cmc"]).tolist(), mINP=res["mINP"])
@@ -216,7 +182,7 @@ def child(variant: str, case: Case, device: str, block_size: int | None) -> dict
         laps: dict[str, float] = {}
         cmc, m_ap, ap_q = torchreid_market1501(distmat, pids[0], pids[1], pids[2], pids[3], case.max_rank, laps)
         seconds = time.perf_counter() - t0
-        peak = _peak_mb() - rss0
+        peak = working_memory(m) / 2**20
         out.update(mAP=m_ap, cmc=cmc.tolist(), laps=laps,
                    **_compare_on_matrix(distmat, pids, ap_q, case.max_rank, evaluate))
     # Page faults that read from disk: a run near the RAM limit of a shared machine thrashes (its

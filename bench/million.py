@@ -27,10 +27,8 @@ are ``clustering N=1,000,000 W=4: T s, working memory per rank X GiB, recall@20 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -40,57 +38,12 @@ import numpy as np
 
 from bench.cli import Parser, int_list, positive_int, run_cli
 from bench.cluster import EPS, K1, K2, MIN_SAMPLES, points_in_other_clusters, reid_like
+from bench.memory import mark, working_memory
 from bench.proxy_memory import measure as proxy_measure
 from bench.proxy_memory import report as proxy_report
 
 PROG = "bench/million.py"
 GIB = 2.0**30
-
-
-# -- working memory -------------------------------------------------------------------------------
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _trim() -> None:
-    """Hand the heap's free pages back to the system (glibc ``malloc_trim``), so that memory an earlier
-    call freed but the allocator kept does not sit in the RSS before the call and let the call grow
-    into it unseen. Best effort: nothing where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def memory_mark() -> tuple[int, bool]:
-    """Start measuring: ``(RSS now in bytes, whether the peak was reset)``. On Linux the process's peak
-    RSS (VmHWM) is reset to its current RSS, so :func:`working_memory` sees this call's peak only."""
-    _trim()
-    rss = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        if rss is not None:
-            return rss * 1024, True
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
-
-
-def working_memory(mark: tuple[int, bool]) -> int:
-    """Peak RSS since :func:`memory_mark` minus the RSS then (bytes)."""
-    base, reset = mark
-    hwm = _status_kib("VmHWM") if reset else None
-    peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(0, peak - base)
 
 
 # -- one clustering per rank ----------------------------------------------------------------------
@@ -122,11 +75,11 @@ def cluster_rank(rank: int, world: int, feats: str, kw: dict[str, Any], threads:
     # otherwise count as working memory of a large search that takes the bf16 pass
     exact_knn(np.ascontiguousarray(x[:warm]), K1, rows=(0, min(warm, 256)), precision="bf16")
     stats: dict[str, Any] = {}
-    mark = memory_mark()
+    m = mark()  # bench/memory.py: this call's peak only, freed heap handed back first
     t = time.perf_counter()
     labels = jaccard_dbscan(x, K1, K2, EPS, MIN_SAMPLES, distributed=True, stats=stats, **kw)
     seconds = time.perf_counter() - t
-    work = working_memory(mark)
+    work = working_memory(m)
     return {"seconds": seconds, "work": work, "recall": stats.get("recall"), "times": stats["times"],
             "bytes_sent": stats["bytes_sent"], "digest": hashlib.sha256(labels.tobytes()).hexdigest(),
             "labels": labels if rank == 0 else None}
