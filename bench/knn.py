@@ -1,17 +1,32 @@
 """k-NN search of the clustering step: fp32 vs bf16-candidate exact search, and the IVF index's time and recall.
 
-    python bench/knn.py               # N = 200,000, d = 384, k = 20 (the issue's figures; ~15 min on 2 cores)
-    python bench/knn.py --n 20000     # a smoke run
+    python bench/knn.py --n 60000 --nprobe 32,64,128 --scan lists,faiss   # IVF: list-major scan vs faiss's
+    python bench/knn.py --flat both --skip-ivf                            # N = 200,000: fp32 vs bf16 exact
+    python bench/knn.py --n 1000000 --estimate --nprobe 64,128,256        # IVF recall and scan work, no scan
+    python bench/knn.py --n 20000                                         # a smoke run
 
 On the same snapped synthetic ReID-like features (``bench.cluster.reid_like``, the one generator):
 
-* **fp32 exact**: ``exact_knn(precision="fp32")``, the float32 candidate pass + exact resolution;
-* **bf16 exact**: ``exact_knn(precision="bf16")``: bf16 GEMM candidates re-scored exactly, the rows its
-  bound cannot settle searched again in fp32. Its lists must equal fp32's (asserted); the speed-up is
-  printed beside the number of fallback rows;
-* **IVF**: ``search_knn(index="ivf")`` (faiss ``IndexIVFFlat``, ``nlist`` default ``round(4 sqrt(N))``,
-  ``--nprobe``), its recall@k against the exact lists on every row, and ``knn_recall``'s estimate
-  from ``--sample`` rows (what the pipeline logs).
+* **flat** (``--flat``): ``exact_knn(precision="fp32")``, the float32 candidate pass + exact resolution,
+  and/or ``precision="bf16"``: bf16 GEMM candidates re-scored exactly, the rows its bound cannot settle
+  searched again in fp32. With both, the lists must be equal (asserted) and the speed-up is printed
+  beside the number of fallback rows;
+* **IVF**: ``search_knn(index="ivf")`` at each ``--nprobe`` (``nlist`` default ``round(4 sqrt(N))``), with
+  each ``--scan`` of the inverted lists: ``faiss`` (``IndexIVFFlat.search_preassigned``, query-major),
+  ``lists`` (the list-major float32 GEMM scan of ``trainer.cluster.knn._IVFShard``), ``auto`` (what
+  ``search_knn`` picks here: faiss-gpu where faiss sees a GPU, else lists). The scans' lists must be
+  equal (asserted: each is the exact top-k of the points in the probed lists). ``--rows M`` lets every
+  scan, ``--faiss-rows M`` faiss only, search only the first M query rows (the k-means and the homes of
+  all N points are still computed; the scan's time is then also printed scaled by N/M: a scan's time is
+  linear in the queries, and recall is printed only for full runs). Recall@k is against the exact lists
+  on every row when a flat search ran, and ``knn_recall``'s estimate from ``--sample`` rows (what the
+  pipeline logs);
+* **estimate** (``--estimate``, instead of the searches): the IVF quantizer as ``search_knn`` trains it,
+  every point's home list (its nearest centroid) and, for ``--sample`` seeded rows, their exact top-k and
+  probes. A row's IVF list is the exact top-k of the points in its probed lists, so it holds exactly
+  those of its true neighbours whose home is probed: the recall follows without a scan (and equals
+  ``knn_recall``'s on the same rows and seed). Printed beside it, the scan's work: the mean number of
+  points per probed list ``m``, so that a full scan costs ``N · nprobe · m · d`` multiply-adds.
 
 All in one process, one after the other, with ``--threads`` torch and faiss threads; time is wall clock of
 the search call only, with the process's CPU seconds beside it (on a shared machine the wall-clock ratio
@@ -27,10 +42,23 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from bench.cli import Parser, positive_int, run_cli
+from bench.cli import Parser, int_list, positive_int, run_cli
+
+SCANS = ("auto", "faiss", "lists")
+
+
+def _scan_list(text: str) -> list[str]:
+    """Comma-separated IVF scans (argparse type)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in SCANS]
+    if not parts or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated scans among {', '.join(SCANS)}")
+    return parts
 
 
 def _main(argv: list[str] | None) -> None:
@@ -38,20 +66,27 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--n", type=positive_int, default=200000)
     p.add_argument("--d", type=positive_int, default=384)
     p.add_argument("--k", type=positive_int, default=20)
-    p.add_argument("--nprobe", type=positive_int, default=16)
+    p.add_argument("--nprobe", type=int_list, default=[32, 64, 128], help="IVF lists probed, comma-separated")
     p.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: round(4 sqrt(N)))")
+    p.add_argument("--scan", type=_scan_list, default=["auto"], help=f"IVF scans, comma-separated: {', '.join(SCANS)}")
+    p.add_argument("--rows", type=positive_int, default=None, help="every scan searches only this many query rows")
+    p.add_argument("--faiss-rows", type=positive_int, default=None,
+                   help="the faiss scan searches only this many query rows (time scaled to N)")
+    p.add_argument("--flat", choices=("auto", "fp32", "bf16", "both", "none"), default="auto",
+                   help="exact search: exact_knn's default precision, fp32, bf16, both (compared) or none")
     p.add_argument("--sample", type=positive_int, default=1000, help="rows of knn_recall's estimate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
-    p.add_argument("--skip-fp32", action="store_true", help="no fp32 / bf16 exact search (IVF only)")
-    p.add_argument("--skip-ivf", action="store_true", help="no IVF search (fp32 / bf16 only)")
+    p.add_argument("--skip-ivf", action="store_true", help="no IVF search (flat only)")
+    p.add_argument("--estimate", action="store_true", help="IVF recall and scan work from --sample rows, no search")
     args = p.parse_args(argv)
 
     import faiss
     import torch
 
     from bench.cluster import reid_like
-    from trainer.cluster.knn import cpu_has_fast_bf16, default_nlist, exact_knn, knn_recall, search_knn, snap_features
+    from trainer.cluster import knn
+    from trainer.cluster.knn import cpu_has_fast_bf16, exact_knn, knn_recall, snap_features
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -61,49 +96,97 @@ def _main(argv: list[str] | None) -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 (avx512_bf16/AMX): {cpu_has_fast_bf16()}",
           flush=True)
 
-    def timed(fn):  # type: ignore[no-untyped-def]
+    def timed(fn: Callable[..., Any], *a: Any, **kw: Any) -> tuple[Any, float, float]:
+        """``(fn(*a, **kw), wall s, process CPU s)``: CPU time is less sensitive than wall time to other jobs."""
         t, c = time.perf_counter(), time.process_time()
-        out = fn()
-        cpu.append(time.process_time() - c)
-        return out, time.perf_counter() - t
+        out = fn(*a, **kw)
+        return out, time.perf_counter() - t, time.process_time() - c
 
-    cpu: list[float] = []  # process CPU seconds of each timed call: less sensitive than wall time to other jobs
-
-    exact = None
-    if not args.skip_fp32:
-        exact, t32 = timed(lambda: exact_knn(x, k, precision="fp32"))
-        c32 = cpu[-1]
-        print(f"fp32 exact search: {t32:.1f} s (CPU {c32:.1f} s)", flush=True)
-        st: dict = {}
-        low, t16 = timed(lambda: exact_knn(x, k, precision="bf16", stats=st))
-        same = np.array_equal(low, exact)
-        c16 = cpu[-1]
-        print(f"bf16-candidate exact search: {t16:.1f} s (CPU {c16:.1f} s; {st['bf16_candidates']} candidates "
-              f"per row, {st['bf16_fallback_rows']} of {n:,} rows searched again in fp32)", flush=True)
-        assert same, f"bf16-candidate lists differ from fp32 in {int((low != exact).any(1).sum())} rows"
-    if args.skip_ivf:
-        if exact is not None:
-            print(f"bf16-candidate exact search vs fp32: {t32 / t16:.2f}× (lists identical; CPU time "
-                  f"{c32 / c16:.2f}×)")
+    if args.estimate:
+        _estimate(x, k, args.nprobe, args.nlist, args.sample, args.seed)
         return
-    st = {}
-    ivf, tivf = timed(lambda: search_knn(x, k, rows=(0, n), index="ivf", nprobe=args.nprobe, nlist=args.nlist,
-                                         stats=st))
-    times = {name: round(v, 1) for name, v in st["ivf_times"].items()}
-    print(f"IVF search (nlist={st['nlist']}{' default' if args.nlist is None else ''}, nprobe={st['nprobe']}): "
-          f"{tivf:.1f} s {times}; rows re-scanned over their probed lists {st['ivf_rescanned_rows']}, "
-          f"searched exhaustively {st['ivf_exhausted_rows']}", flush=True)
-    est, test = timed(lambda: knn_recall(x, ivf, (0, n), k, sample=args.sample, seed=args.seed))
-    line = f"IVF recall@{k}: {est:.4f} on {min(args.sample, n)} sampled rows (knn_recall, {test:.1f} s)"
-    if exact is not None:
-        full = float((ivf[:, :, None] == exact[:, None, :]).any(2).sum()) / (n * k)
-        line += f", {full:.4f} on all rows"
-    print(line)
-    assert st["nlist"] == (args.nlist or default_nlist(n))
-    if exact is not None:
-        print(f"IVF vs fp32 exact search: {t32 / tivf:.1f}× faster")
-        print(f"bf16-candidate exact search vs fp32: {t32 / t16:.2f}× (lists identical; CPU time "
-              f"{c32 / c16:.2f}×)")
+    exact = None
+    t_exact = {}
+    flat = {"both": ["fp32", "bf16"], "none": []}.get(args.flat, [args.flat])
+    for prec in flat:
+        st: dict = {}
+        lists, wall, cpu = timed(exact_knn, x, k, precision=prec, stats=st)
+        t_exact[st["precision"]] = (wall, cpu)
+        extra = (f"; {st['bf16_candidates']} candidates per row, {st['bf16_fallback_rows']} of {n:,} rows searched "
+                 "again in fp32") if st["precision"] == "bf16" else ""
+        print(f"{prec} exact search ({st['precision']}): {wall:.1f} s (CPU {cpu:.1f} s{extra})", flush=True)
+        if exact is not None:
+            differ = int((lists != exact).any(1).sum())
+            assert differ == 0, f"{prec} lists differ from fp32 in {differ} rows"
+        exact = lists
+    if len(t_exact) == 2:
+        (w32, c32), (w16, c16) = t_exact["fp32"], t_exact["bf16"]
+        print(f"bf16-candidate exact search vs fp32: {w32 / w16:.2f}× (lists identical; CPU time {c32 / c16:.2f}×)")
+    if args.skip_ivf:
+        return
+    for nprobe in args.nprobe:
+        ref = None
+        for scan in args.scan:
+            qrows = args.faiss_rows if scan == "faiss" and args.faiss_rows else args.rows
+            rows = (0, min(n, qrows or n))
+            st = {}
+            lists, wall, cpu = timed(knn._search_ivf, x, k, rows, nprobe, args.nlist, 8, 2048, torch.device("cpu"),
+                                     False, 16384, st, scan)
+            ti = st["ivf_times"]
+            times = {name: round(v, 1) for name, v in ti.items()}
+            scan_s = ti["search"] + ti["merge"] + ti["fallback"]  # the part that depends on the scan
+            line = (f"IVF nlist={st['nlist']} nprobe={st['nprobe']} scan={scan} ({st['ivf_scan']}, "
+                    f"{st['ivf_candidates']} candidates): {wall:.1f} s (CPU {cpu:.1f} s) {times}; rows re-scanned "
+                    f"over their probed lists {st['ivf_rescanned_rows']}, searched exhaustively "
+                    f"{st['ivf_exhausted_rows']}")
+            if rows[1] < n:
+                line += (f"; on {rows[1]:,} query rows: search + merge + fallback {scan_s:.1f} s, "
+                         f"× N/{rows[1]:,} = {scan_s * n / rows[1]:.1f} s")
+            print(line, flush=True)
+            if ref is not None:
+                m = min(len(ref), len(lists))
+                assert np.array_equal(lists[:m], ref[:m]), f"scan {scan}: lists differ from scan {args.scan[0]}"
+            if ref is None or len(lists) > len(ref):
+                ref = lists
+        assert ref is not None
+        if len(ref) < n:
+            continue
+        est, test, _ = timed(knn_recall, x, ref, (0, n), k, sample=args.sample, seed=args.seed)
+        line = (f"IVF nprobe={nprobe} recall@{k}: {est:.4f} on {min(args.sample, n)} sampled rows "
+                f"(knn_recall, {test:.1f} s)")
+        if exact is not None:
+            full = float((ref[:, :, None] == exact[:, None, :]).any(2).sum()) / (n * k)
+            line += f", {full:.4f} on all rows"
+        print(line, flush=True)
+
+
+def _estimate(x: np.ndarray, k: int, nprobes: list[int], nlist: int | None, sample: int, seed: int) -> None:
+    """IVF recall@k and scan work at each nprobe from a row sample, without a scan (module docstring)."""
+    from trainer.cluster import knn
+
+    n = len(x)
+    nl = knn.default_nlist(n) if nlist is None else nlist
+    t = time.perf_counter()
+    cent = knn._snap_like(knn._train_centroids(x, nl), x)  # as _search_ivf trains and snaps it
+    cn = knn.exact_norms(cent)
+    t_train = time.perf_counter() - t
+    home = knn._exact_vs(x, cent, cn, 1)[:, 0]
+    size = np.bincount(home, minlength=nl)
+    pick = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))  # knn_recall's rows
+    norms = knn.exact_norms(x)
+    truth = knn._exact_vs(x[pick], x, norms, k, qn=norms[pick])
+    npb_max = min(max(nprobes), nl)
+    probes = knn._exact_vs(x[pick], cent, cn, npb_max)
+    print(f"estimate: nlist={nl}, k-means {t_train:.1f} s, homes + sample {time.perf_counter() - t - t_train:.1f} s; "
+          f"list sizes: mean {n / nl:.1f}, median {np.median(size):.0f}, max {size.max()}", flush=True)
+    for nprobe in nprobes:
+        pr = probes[:, : min(nprobe, nl)]
+        found = (home[truth][:, :, None] == pr[:, None, :]).any(2)
+        found[size[pr].sum(1) < k] = True  # probed lists holding fewer than k points: exact search
+        m = float(size[pr].mean())
+        print(f"estimate nprobe={nprobe}: recall@{k} {found.mean():.4f} on {len(pick)} rows; {m:.0f} points per "
+              f"probed list; scan work N·nprobe·m·d = {n * min(nprobe, nl) * m * x.shape[1]:.3g} multiply-adds "
+              f"(exact search: N²·d/2 = {n * n * x.shape[1] / 2:.3g})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,6 +168,9 @@ def test_recall_warning_names_the_fix():
     assert msg is not None and "\n" not in msg and "tmgf.knn_nprobe" in msg and "0.9500" in msg
 
 
+_ROW_BYTES = {"faiss": 4 * 16 + 8, "lists": 4 * 16 + 12}  # index bytes per row at d = 16
+
+
 def _ivf_body(rank, world_size, x, k, nlist, nprobe):
     from trainer import dist
 
@@ -192,9 +195,95 @@ def test_ivf_distributed_equals_one_process():
         got = run_distributed(_ivf_body, world, x, k, nlist, nprobe)
         np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), want)
         # the database is sharded: each rank indexes only its own rows
-        assert [g[1]["index_bytes"] for g in got] == [(b - a) * (4 * 16 + 8) for a, b in
-                                                      (knn.dist.shard_range(301, r, world) for r in range(world))]
+        assert [g[1]["index_bytes"] for g in got] == [(b - a) * _ROW_BYTES[g[1]["ivf_scan"]] for g, (a, b) in
+                                                      zip(got, (knn.dist.shard_range(301, r, world)
+                                                                for r in range(world)), strict=True)]
     assert stats["ivf_exhausted_rows"] > 0 and stats["ivf_rescanned_rows"] > 0, stats
+
+
+# --- IVF: the list-major CPU scan ------------------------------------------------------------------------------
+
+
+def _ivf(x: np.ndarray, k: int, nlist: int, nprobe: int, scan: str, rows: tuple[int, int] | None = None,
+         distributed: bool = False, chunk: int = 500, stats: dict | None = None) -> np.ndarray:
+    """``search_knn(index="ivf")`` with the scan forced (``_search_ivf``'s private ``scan``)."""
+    rows = (0, len(x)) if rows is None else rows
+    return knn._search_ivf(x, k, rows, nprobe, nlist, 8, 2048, torch.device("cpu"), distributed, chunk, stats,
+                           scan)  # type: ignore[arg-type]
+
+
+def test_list_scan_error_bound_holds_on_every_probed_pair():
+    # kp = N: the scan returns every point of each query's probed lists with its approximate distance;
+    # each must be within _ivf_delta of the exact (float64, snapped) one. Norms 0.5..2: the |y|^2/2 term
+    x = reid_like(700, d=48, seed=19) * np.random.default_rng(19).uniform(0.5, 2.0, (700, 1)).astype(np.float32)
+    x = snap_features(x)
+    n, nl, npb = len(x), 20, 4
+    cent = knn._snap_like(knn._train_centroids(x, nl), x)
+    probes = knn._exact_vs(x, cent, knn.exact_norms(cent), npb)
+    norms = knn.exact_norms(x)
+    shard = knn._IVFShard(cent, x, 0, probes[:, 0], npb, "lists")
+    dd, ii = shard.search(x, norms, probes, n)
+    for i in range(n):  # the candidates: exactly the points of the probed lists, ascending by distance
+        found = ii[i][ii[i] >= 0]
+        assert np.array_equal(np.sort(found), np.flatnonzero(np.isin(probes[:, 0], probes[i])))
+        assert np.all(np.diff(dd[i][: len(found)]) >= 0) and np.all(np.isinf(dd[i][len(found) :]))
+    r, c = np.nonzero(ii >= 0)
+    x64 = x.astype(np.float64)
+    err = np.abs(dd[r, c] - ((x64[r] - x64[ii[r, c]]) ** 2).sum(1))
+    delta = knn._ivf_delta({"lists"}, x.shape[1], norms, 0, n)[r]
+    assert np.all(err <= delta), float((err / delta).max())
+    assert err.max() > delta.min() / 50  # not vacuous (measured: the worst error is within 8x of it)
+
+
+@pytest.mark.parametrize("nlist,nprobe", [(40, 6), (100, 2)])
+def test_list_scan_equals_naive_and_faiss_scan(nlist, nprobe, monkeypatch):
+    # reid_like data with duplicates (ties), nprobe < nlist. (100, 2): lists of ~12 points, so that many
+    # rows' probed lists hold fewer than k = 15 points (searched exhaustively) and others do not. Small
+    # GEMM blocks and three worker threads: lists split over blocks, queries over workers
+    x = _data(1200, 48, 23, dup=60)
+    k = 15
+    want = _naive_ivf(x, k, nlist, nprobe)
+    monkeypatch.setattr(knn, "_SCAN_ROWS", 64)
+    monkeypatch.setattr(knn, "_SCAN_BLOCK", 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for scan in ("faiss", "lists"):
+            stats: dict = {}
+            got = _ivf(x, k, nlist, nprobe, scan, stats=stats)
+            assert stats["ivf_scan"] == scan
+            np.testing.assert_array_equal(got, want, err_msg=scan)
+            np.testing.assert_array_equal(_ivf(x, k, nlist, nprobe, scan, rows=(211, 987)), want[211:987])
+            if nlist == 100:
+                assert 0 < stats["ivf_exhausted_rows"] < len(x) - 100, stats
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scan_body(rank, world_size, x, k, nlist, nprobe, scans):
+    from trainer import dist
+
+    stats: dict = {}
+    lists = _ivf(x, k, nlist, nprobe, scans[rank % len(scans)], rows=dist.shard_range(len(x), rank, world_size),
+                 distributed=True, chunk=37, stats=stats)
+    return lists, stats
+
+
+def test_list_scan_distributed_equals_one_process():
+    # the list-major scan over a sharded database (W = 2), and beside faiss on another rank (W = 3: the
+    # merge then certifies with the larger bound): the lists equal W = 1's and the naive restatement
+    # (rows certified, re-scanned over their probed lists and searched exhaustively)
+    x = _data(301, 16, 13, dup=30)
+    x[200:225] = x[7]
+    k, nlist, nprobe = 12, 24, 2
+    stats: dict = {}
+    want = _ivf(x, k, nlist, nprobe, "lists", chunk=37, stats=stats)
+    np.testing.assert_array_equal(want, _naive_ivf(x, k, nlist, nprobe))
+    assert stats["ivf_rescanned_rows"] > 0 and stats["ivf_exhausted_rows"] > 0, stats
+    for world, scans in [(2, ("lists",)), (3, ("lists", "faiss"))]:
+        got = run_distributed(_scan_body, world, x, k, nlist, nprobe, scans)
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), want)
+        assert [g[1]["ivf_scan"] for g in got] == [scans[r % len(scans)] for r in range(world)]
 
 
 def test_bad_inputs_fail_clearly():

@@ -7,8 +7,8 @@ multiple of ``2**-2b`` below ``2**52`` — exactly representable in float64, so 
 the float32 noise of the official faiss search; in return the k-NN lists, and every similarity used
 later, are unique and reproducible: ties are broken by the lower index.
 
-Entry point: :func:`search_knn` (``index="flat"``: exact, :func:`exact_knn`; ``index="ivf"``: a faiss
-IVF index, approximate, with its recall measured by :func:`knn_recall`). ``docs/knn.md`` says which to
+Entry point: :func:`search_knn` (``index="flat"``: exact, :func:`exact_knn`; ``index="ivf"``: an IVF
+index, approximate, with its recall measured by :func:`knn_recall`). ``docs/knn.md`` says which to
 pick.
 
 **Flat, fp32** (:func:`exact_knn`): a fast float32 pass (torch blocked GEMM, CPU or CUDA, or faiss)
@@ -29,11 +29,13 @@ fp32 exact search on every input.
 
 **IVF** (:func:`search_knn` with ``index="ivf"``): see :func:`_search_ivf`. The lists are the exact
 top-k of the points in the probed lists (a per-row definition, so they do not depend on the number of
-ranks); recall against exact search is what ``nprobe`` buys.
+ranks, nor on the scan: faiss-gpu, or on the CPU a list-major float32 GEMM scan); recall against exact
+search is what ``nprobe`` buys.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import math
@@ -691,15 +693,50 @@ def _train_centroids(x: np.ndarray, nlist: int) -> np.ndarray:
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-class _IVFShard:
-    """A faiss ``IndexIVFFlat`` (L2) over the rows ``[s0, s1)`` with given list assignments, on this
-    rank's GPU when faiss sees one (faiss-gpu), else on the CPU."""
+IVFScan = Literal["auto", "faiss", "lists"]
+_SCANS: tuple[IVFScan, ...] = ("faiss", "lists")  # the codes by which ranks tell each other their scan
+_SCAN_BLOCK = 1 << 18
+"""List-major scan: at most this many scores (1 MiB of float32) per GEMM block of queries x list members."""
+_SCAN_ROWS = 2048
+"""List-major scan: at most this many queries per GEMM block (3 MiB of gathered float32 rows at d = 384)."""
 
-    def __init__(self, cent: np.ndarray, xs: np.ndarray, s0: int, assign: np.ndarray, nprobe: int):
+
+def _ivf_scan(scan: IVFScan) -> IVFScan:
+    """The scan ``"auto"`` picks: faiss where faiss sees a GPU (faiss-gpu), else the list-major scan."""
+    if scan not in ("auto", *_SCANS):
+        raise ValueError(f"knn ivf scan={scan!r}: expected 'auto', 'faiss' or 'lists'")
+    return ("faiss" if faiss_has_gpu() else "lists") if scan == "auto" else scan
+
+
+class _IVFShard:
+    """This rank's part of the IVF database (the rows ``[s0, s1)``, each in its assigned list) and the
+    scan returning each query's best candidates among them in the query's probed lists.
+
+    ``scan="faiss"``: a faiss ``IndexIVFFlat`` (L2) and its ``search_preassigned``, on this rank's GPU
+    when faiss sees one (faiss-gpu), else on the CPU. ``"lists"``: the list-major CPU scan
+    (:meth:`search`), float32 GEMMs. The CPU scan is written here because faiss's CPU IVF
+    scan is query-major: one query against one probed list at a time, without BLAS (under 1 G
+    multiply-adds/s on the 2-core bench machine, against ~40 G per core for a float32 GEMM), so at the
+    nprobe ReID features need (64-128 of ~1,000 lists) it was slower than exact search. The list-major
+    scan scores all the queries probing a list against its members in one GEMM.
+    """
+
+    def __init__(self, cent: np.ndarray, xs: np.ndarray, s0: int, assign: np.ndarray, nprobe: int,
+                 scan: IVFScan):
+        d = cent.shape[1]
+        self.scan = scan
+        self.res = None
+        if scan == "lists":  # the rows sorted by list (a copy), their ids and halved exact norms
+            order = np.argsort(assign, kind="stable")
+            self.start = np.searchsorted(assign[order], np.arange(len(cent) + 1))
+            self.y = torch.from_numpy(np.ascontiguousarray(xs[order]))
+            self.ids = torch.from_numpy(order + s0)
+            self.hn = torch.from_numpy((exact_norms(xs[order]) / 2).astype(np.float32))
+            self.nbytes = len(xs) * (4 * d + 12)
+            return
         import faiss
         from faiss.contrib.ivf_tools import add_preassigned
 
-        d = cent.shape[1]
         self.quantizer = faiss.IndexFlatL2(d)
         self.quantizer.add(cent)  # trained before the IVF index is made: it is then trained too
         cpu = faiss.IndexIVFFlat(self.quantizer, d, len(cent), faiss.METRIC_L2)
@@ -709,8 +746,8 @@ class _IVFShard:
         ids = np.arange(s0, s0 + len(xs), dtype=np.int64)
         add_preassigned(cpu, xs, lists, ids)
         cpu.nprobe = nprobe
+        cpu.parallel_mode = 3  # search_preassigned parallelises over queries only in modes 1-3 (default 0: one thread)
         self.index: Any = cpu
-        self.res = None
         if faiss_has_gpu():
             self.res = faiss.StandardGpuResources()
             dev = torch.cuda.current_device() if torch.cuda.is_available() else 0  # the rank's own GPU
@@ -719,10 +756,112 @@ class _IVFShard:
             del cpu
         self.nbytes = len(xs) * (4 * d + 8)
 
-    def search(self, q: np.ndarray, probes: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``kp`` nearest (faiss float32 distances) of each query among this shard's points in the
-        query's probed lists; ids ``-1`` (distance inf) where fewer."""
-        return self.index.search_preassigned(np.ascontiguousarray(q), kp, np.ascontiguousarray(probes), None)
+    def search(self, q: np.ndarray, qn: np.ndarray, probes: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``kp`` nearest of each query (snapped ``q``, exact squared norms ``qn``) among this shard's
+        points in the query's probed lists, ascending: approximate squared distances (float64; error
+        bound: :func:`_ivf_delta`) and ids, ``inf`` and ``-1`` where there are fewer.
+
+        List-major scan: the (query, probe) pairs are sorted by list; for each list, the queries probing
+        it are gathered and scored against its members, ``<q, y> - |y|^2 / 2`` in float32 (a GEMM, then
+        the subtraction), in blocks of at most ``_SCAN_BLOCK`` scores and ``_SCAN_ROWS`` queries, and
+        merged into the running per-query top-``kp`` (:class:`_TopK`). Two
+        passes: every query's first probe (its nearest list, which sets tight thresholds), then the
+        rest, where most blocks then have nothing to offer. Memory: the blocks, ``kp`` candidates per
+        query and ~20 bytes per (query, probe) pair.
+        """
+        if self.scan == "faiss":
+            dd, ii = self.index.search_preassigned(np.ascontiguousarray(q), kp,
+                                                   np.ascontiguousarray(probes, dtype=np.int64), None)
+            return dd.astype(np.float64), ii
+        # one worker thread per torch thread, each on its own slice of the queries with single-threaded
+        # ops: the bookkeeping between GEMMs runs in parallel too (torch releases the GIL), and no
+        # OpenMP team waits on a descheduled thread on a busy host
+        prev = torch.get_num_threads()
+        cuts = np.linspace(0, len(q), max(1, min(prev, len(q) // _SCAN_ROWS)) + 1).astype(np.int64)
+        torch.set_num_threads(1)
+        try:
+            with _exact_matmul(), concurrent.futures.ThreadPoolExecutor(len(cuts) - 1) as pool:
+                res = list(pool.map(lambda a, b: self._scan(q[a:b], probes[a:b], kp), cuts[:-1], cuts[1:]))
+        finally:
+            torch.set_num_threads(prev)
+        v = torch.cat([r[0] for r in res])
+        s = v.numpy().astype(np.float64)
+        ii = np.where(np.isfinite(s), torch.cat([r[1] for r in res]).numpy(), -1)
+        return qn[:, None] - 2.0 * s, ii  # -inf scores (nothing there) become inf distances
+
+    def _scan(self, q: np.ndarray, probes: np.ndarray, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The list-major scan of :meth:`search` for the queries ``q``: their top-``kp`` scores (descending)
+        and ids."""
+        c, npb = probes.shape
+        qt = torch.from_numpy(np.ascontiguousarray(q))
+        top = _TopK(c, kp, torch.device("cpu"))
+        # reused buffers: fresh multi-MB tensors would be mmap'ed and page-faulted in at every block,
+        # which costs as much as the GEMM
+        qbuf = torch.empty((min(c, _SCAN_ROWS), qt.shape[1]))
+        sbuf = torch.empty(max(_SCAN_BLOCK, int(np.diff(self.start).max(initial=0))))  # >= every block
+        for p0, p1 in ((0, 1), (1, npb)):
+            flat = probes[:, p0:p1].ravel()
+            order = np.argsort(flat, kind="stable")  # pairs by list, queries ascending within a list
+            qstart = np.searchsorted(flat[order], np.arange(len(self.start)))
+            pair_q = torch.from_numpy(order // (p1 - p0))
+            for lst in np.flatnonzero((np.diff(qstart) > 0) & (np.diff(self.start) > 0)):
+                m0, m1 = int(self.start[lst]), int(self.start[lst + 1])
+                y, hn, ids = self.y[m0:m1], self.hn[m0:m1], self.ids[m0:m1]
+                step = max(1, min(_SCAN_ROWS, _SCAN_BLOCK // (m1 - m0)))
+                for r0, r1 in _chunks(int(qstart[lst]), int(qstart[lst + 1]), step):
+                    rows = pair_q[r0:r1]
+                    size = (r1 - r0) * (m1 - m0)
+                    qs = torch.index_select(qt, 0, rows, out=qbuf[: r1 - r0])
+                    sc = torch.mm(qs, y.T, out=sbuf[:size].view(r1 - r0, m1 - m0))
+                    _offer_rows(top, rows, ids, sc.sub_(hn))
+        v, o = torch.sort(top.val, dim=1, descending=True)
+        return v, torch.gather(top.idx, 1, o)
+
+
+def _offer_rows(top: _TopK, rows: torch.Tensor, cols: torch.Tensor, s: torch.Tensor) -> None:
+    """Offer the scores ``s`` of the queries ``rows`` (ascending) against the points ``cols`` to ``top``:
+    only the rows with an entry beating their threshold, each with its best entries (dense merge)."""
+    thr = top.thr.index_select(0, rows)
+    hit = torch.nonzero(s.amax(1) > thr).flatten()
+    if hit.numel() == 0:
+        return
+    sub = s.index_select(0, hit)
+    # no row needs more than its entries beating the threshold: once the thresholds are tight, a
+    # few, and a top-few costs far less than a top-kk
+    width = min(top.kk, int((sub > thr.index_select(0, hit)[:, None]).sum(1).max()))
+    v, i = torch.topk(sub, width, dim=1)
+    top.merge_dense(rows.index_select(0, hit), v, cols[i])
+
+
+def _ivf_probes(x: np.ndarray, r0: int, r1: int, cent: np.ndarray, cn: np.ndarray, npb: int, chunk: int,
+                extra: int, block: int, device: torch.device) -> np.ndarray:
+    """The ``npb`` nearest centroids of the rows ``[r0, r1)``, exactly (ties by centroid id), as int32. In
+    row chunks of at most ``2**23 / (npb + extra + 1)`` rows: the candidate pass keeps ~40 bytes per row
+    and candidate, ~40 GB for N = 10**6 at nprobe = 1,152 in one piece, ~320 MB per chunk."""
+    out = np.empty((r1 - r0, npb), np.int32)
+    rows = max(256, min(chunk, (1 << 23) // (npb + extra + 1)))
+    for c0, c1 in _chunks(r0, r1, rows):
+        out[c0 - r0 : c1 - r0] = _exact_vs(x[c0:c1], cent, cn, npb, extra=extra, block=block, device=device)
+    return out
+
+
+def _ivf_delta(scans: set[IVFScan], d: int, norms: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Per query row ``r0 .. r1 - 1``: a bound on the error of every approximate squared distance the
+    ``scans`` return (the larger of their bounds, for a job whose ranks scan differently):
+
+    * faiss: :func:`_faiss_delta`;
+    * lists: ``|q|^2 - 2 (<q, y> - |y|^2 / 2)`` from the float32 GEMM (error ``gamma_d |q| |y|``) and the
+      float32 roundings of ``|y|^2 / 2`` and of the subtraction, doubled by the factor 2 (the bound of
+      :func:`_torch_keys`, with its safety factor).
+    """
+    qn, yn_max = norms[r0:r1], float(norms.max())
+    out = np.zeros(r1 - r0)
+    if "faiss" in scans:
+        out = np.maximum(out, _faiss_delta(d, qn, yn_max))
+    if "lists" in scans:
+        qr, ymax = np.sqrt(qn), math.sqrt(yn_max)
+        out = np.maximum(out, _SAFETY * 2 * (_gamma(d) * qr * ymax + 2 * _U32 * (yn_max + qr * ymax)) + 1e-300)
+    return out
 
 
 class _ListMembers:
@@ -737,13 +876,14 @@ class _ListMembers:
 
 
 def _ivf_merge(x: np.ndarray, norms: np.ndarray, r0: int, dd: np.ndarray, ii: np.ndarray, k: int,
-               kp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               kp: int, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge the shards' candidates of queries ``r0, r0 + 1, ...``: ``dd``/``ii`` are ``(W, c, kp)``.
 
-    Keeps the ``kp`` best by faiss distance (then id), re-scores them exactly and returns
+    Keeps the ``kp`` best by scan distance (then id), re-scores them exactly and returns
     ``(top-k ids, certified, exhausted)``. A row is certified when its exact k-th distance is below
-    every distance the probed points left out can have: ``L - delta``, with ``L`` the smallest faiss
-    distance not kept (the last one of every shard that returned ``kp``, the first one dropped here).
+    every distance the probed points left out can have: ``L - delta`` (``delta``: the scans' error
+    bound per row, :func:`_ivf_delta`), with ``L`` the smallest scan distance not kept (the last one of
+    every shard that returned ``kp``, the first one dropped here).
     ``exhausted``: the probed lists hold fewer than k points.
     """
     n, d = x.shape
@@ -768,7 +908,6 @@ def _ivf_merge(x: np.ndarray, norms: np.ndarray, r0: int, dd: np.ndarray, ii: np
     o2 = np.lexsort((cand, ex))
     top = np.take_along_axis(cand, o2[:, :k], 1)
     exk = np.take_along_axis(ex, o2[:, k - 1 : k], 1)[:, 0]
-    delta = _faiss_delta(d, norms[r0 : r0 + c], float(norms.max()))
     nvalid = valid.sum(1)
     certified = (nvalid >= k) & (exk < left - delta)
     exhausted = (nvalid < k) & np.isinf(left)
@@ -777,26 +916,29 @@ def _ivf_merge(x: np.ndarray, norms: np.ndarray, r0: int, dd: np.ndarray, ii: np
 
 def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist: int | None, extra: int,
                 block: int, device: torch.device, distributed: bool, chunk: int,
-                stats: dict[str, Any] | None) -> np.ndarray:
-    """k-NN lists from a faiss IVF index (``IndexIVFFlat``, squared L2 on the snapped features).
+                stats: dict[str, Any] | None, scan: IVFScan = "auto") -> np.ndarray:
+    """k-NN lists from an IVF index (squared L2 on the snapped features): faiss's k-means quantizer;
+    the inverted lists scanned by faiss-gpu where faiss sees a GPU, else by the list-major GEMM scan
+    of :class:`_IVFShard` (``scan``: :func:`_ivf_scan`; tests and benchmarks force one).
 
     1. **Quantizer**: ``nlist`` centroids (:func:`default_nlist`) by faiss k-means on a seeded sample,
        trained on rank 0 and broadcast, then snapped onto ``x``'s grid (:func:`_snap_like`).
-    2. **Probes**: each point's ``nprobe`` nearest centroids, *exactly* (the flat machinery, ties by
-       centroid id), so the lists a point lives in and the lists a query visits are a function of that
-       point alone — not of how the rows were batched or split over ranks. A point lives in its first
-       probe's list.
+    2. **Probes**: each query's ``nprobe`` nearest centroids and each stored point's nearest one, *exactly*
+       (the flat machinery, ties by centroid id; :func:`_ivf_probes`), so the list a point lives in and
+       the lists a query visits are a function of that point alone — not of how the rows were batched or
+       split over ranks. A point lives in its nearest centroid's list (its first probe's).
     3. **Sharded database**: with ``distributed`` each rank indexes only its own rows
-       (``dist.shard_range``); every rank searches every query against its shard, query owner by
+       (``dist.shard_range``); every rank scans every query's probed lists in its shard, query owner by
        owner and chunk by chunk (the owner broadcasts the chunk's probes), and the owner gathers the
-       ``k + extra`` best of each shard. Per rank: index memory ``N/W (4d + 8)`` bytes, candidate
-       traffic ``(k + extra) x 12`` bytes per query sent in all (``N/W`` queries to each owner) and
-       received for each own query from each rank.
+       ``kp = k + extra`` best of each shard. Per rank: index memory ``N/W`` times ``4d + 8`` bytes
+       (faiss) or ``4d + 12`` (list-major scan), probes ``4 nprobe`` bytes per own query, candidate
+       traffic ``kp x 12`` bytes per query sent in all (``N/W`` queries to each owner) and received
+       for each own query from each rank.
     4. **Exact within the probed lists**: the candidates are re-scored exactly; a row is accepted when
-       the faiss bound proves nothing left out of the probed lists is closer (:func:`_ivf_merge`),
+       the scan's error bound proves nothing left out of the probed lists is closer (:func:`_ivf_merge`),
        otherwise all its probed points are scored exactly. The list is thus the exact top-k of the
        points in its probed lists (rows whose lists hold fewer than k points: the exact top-k of all
-       points) — identical for any number of ranks.
+       points) — identical for any number of ranks and any scan.
     """
     n, d = x.shape
     group = distributed and dist.is_initialized()
@@ -811,6 +953,7 @@ def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist
     if nprobe < 1:
         raise ValueError(f"knn ivf: nprobe={nprobe} must be >= 1")
     npb = min(nprobe, nl)
+    own_scan = _ivf_scan(scan)
     times: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -826,13 +969,18 @@ def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist
         cent = t.cpu().numpy()
     cent = _snap_like(cent, x)
     lap("train")
-    s0, s1 = (q0, q1) if group else (0, n)  # the rows this rank stores (and computes probes for)
-    probes = _exact_vs(x[s0:s1], cent, exact_norms(cent), npb, extra=extra, block=block, device=device)
+    s0, s1 = (q0, q1) if group else (0, n)  # the rows this rank stores
+    cn = exact_norms(cent)
+    probes = _ivf_probes(x, q0, q1, cent, cn, npb, chunk, extra, block, device)  # the query rows'
+    assign = probes[:, 0] if (s0, s1) == (q0, q1) else \
+        _ivf_probes(x, s0, s1, cent, cn, 1, chunk, extra, block, device)[:, 0]  # homes of the stored rows
     lap("probes")
-    shard = _IVFShard(cent, x[s0:s1], s0, probes[:, 0], npb)
-    assign = probes[:, 0]
+    shard = _IVFShard(cent, x[s0:s1], s0, assign, npb, own_scan)
+    scans = {own_scan}
     if group:
         assign = dist.all_gather_variable(torch.from_numpy(assign).to(dist.comm_device())).cpu().numpy()
+        code = torch.tensor([_SCANS.index(own_scan)], dtype=torch.int64, device=dist.comm_device())
+        scans = {_SCANS[int(c)] for c in dist.all_gather_variable(code).cpu()}  # a mixed job: every bound
     lap("build")
     norms = exact_norms(x)
     kp = min(n, k + max(1, extra))
@@ -842,11 +990,11 @@ def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist
     for owner in range(world):
         o0, o1 = dist.shard_range(n, owner, world) if group else (q0, q1)
         for c0, c1 in _chunks(o0, o1, chunk):
-            pr = probes[c0 - s0 : c1 - s0] if rank == owner else np.empty((c1 - c0, npb), np.int64)
+            pr = probes[c0 - q0 : c1 - q0] if rank == owner else np.empty((c1 - c0, npb), probes.dtype)
             if group:
                 pr = dist.broadcast(torch.from_numpy(np.ascontiguousarray(pr)).to(dist.comm_device()),
                                     src=owner).cpu().numpy()
-            dd, ii = shard.search(x[c0:c1], pr, kp)
+            dd, ii = shard.search(x[c0:c1], norms[c0:c1], pr, kp)
             lap("search")
             if group:
                 dd_all = _gather_to(torch.from_numpy(dd), owner)
@@ -855,7 +1003,8 @@ def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist
                 dd_all, ii_all = dd[None], ii[None]
             lap("exchange")
             if rank == owner:
-                top, ok, exhausted = _ivf_merge(x, norms, c0, dd_all, ii_all, k, kp)
+                delta = _ivf_delta(scans, d, norms, c0, c1)
+                top, ok, exhausted = _ivf_merge(x, norms, c0, dd_all, ii_all, k, kp, delta)
                 out[c0 - q0 : c1 - q0] = top
                 rescan.append(np.flatnonzero(~ok & ~exhausted) + c0)
                 flat.append(np.flatnonzero(exhausted) + c0)
@@ -864,7 +1013,7 @@ def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist
     if len(redo):  # exact over every point of the probed lists
         members = _ListMembers(assign, nl)
         for i in redo:
-            cand = members.members(probes[i - s0])
+            cand = members.members(probes[i - q0])
             ex = exact_sqdist(x, np.full(len(cand), i), cand, norms)
             out[i - q0] = cand[np.lexsort((cand, ex))[:k]]
     full = np.concatenate(flat) if flat else np.empty(0, np.int64)
@@ -872,8 +1021,9 @@ def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist
         out[full - q0] = _exact_vs(x[full], x, norms, k, qn=norms[full], extra=extra, block=block, device=device)
     lap("fallback")
     if stats is not None:
-        stats.update(index="ivf", nlist=nl, nprobe=npb, ivf_rescanned_rows=len(redo), ivf_exhausted_rows=len(full),
-                     index_bytes=shard.nbytes, ivf_times=times)
+        stats.update(index="ivf", nlist=nl, nprobe=npb, ivf_scan=own_scan, ivf_candidates=kp,
+                     ivf_rescanned_rows=len(redo), ivf_exhausted_rows=len(full), index_bytes=shard.nbytes,
+                     ivf_times=times)
     return out
 
 
@@ -898,11 +1048,12 @@ def search_knn(x: np.ndarray, k: int, *, rows: tuple[int, int], index: Index = "
     passes all N rows): ``(stop - start, k)`` int64 ids, by squared L2 then lower index, self included.
 
     ``index="flat"``: exact search (:func:`exact_knn`, ``backend``/``precision`` as there); each rank
-    searches its own rows against all points. ``index="ivf"``: a faiss IVF index (:func:`_search_ivf`)
-    with ``nlist`` lists (default :func:`default_nlist`) of which ``nprobe`` are visited per query;
+    searches its own rows against all points. ``index="ivf"``: an IVF index (:func:`_search_ivf`) with
+    ``nlist`` lists (default :func:`default_nlist`) of which ``nprobe`` are visited per query;
     ``distributed=True`` shards its database by rows (``rows`` must then be ``dist.shard_range``) and
-    gives the same lists as one process. IVF runs on faiss (its GPU build on this rank's GPU where faiss
-    sees one): ``backend`` must be ``auto`` or ``faiss``, ``precision`` ``auto`` or ``fp32``.
+    gives the same lists as one process. Its quantizer is faiss k-means (``backend`` must be ``auto`` or
+    ``faiss``); its lists are scanned by faiss-gpu on this rank's GPU where faiss sees one, else by a
+    list-major float32 GEMM scan on the CPU: ``precision`` must be ``auto`` or ``fp32``.
     ``stats`` (if given) receives what was done (precision, fallback rows, IVF sizes and times).
     """
     xs = np.ascontiguousarray(x, dtype=np.float32)
@@ -921,7 +1072,7 @@ def search_knn(x: np.ndarray, k: int, *, rows: tuple[int, int], index: Index = "
     if backend not in ("auto", "faiss"):
         raise ValueError(f"knn backend={backend!r} has no IVF index: use 'auto' or 'faiss' with index='ivf'")
     if precision not in ("auto", "fp32"):
-        raise ValueError(f"knn precision={precision!r}: the IVF index is float32 ('auto' or 'fp32')")
+        raise ValueError(f"knn precision={precision!r}: the IVF scan is float32 ('auto' or 'fp32')")
     return _search_ivf(xs, k, rows, nprobe, nlist, 8, 2048, _device(device), distributed, chunk, stats)
 
 
