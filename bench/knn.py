@@ -11,7 +11,7 @@ On the same snapped synthetic ReID-like features (``bench.cluster.reid_like``, t
   and/or ``precision="bf16"``: bf16 GEMM candidates re-scored exactly, the rows its bound cannot settle
   searched again in fp32. With both, the lists must be equal (asserted) and the speed-up is printed
   beside the number of fallback rows;
-* **IVF**: ``search_knn(index="ivf")`` at each ``--nprobe`` (``nlist`` default ``round(4 sqrt(N))``), with
+* **IVF**: ``search_knn(index="ivf")`` at each ``--nprobe`` (``nlist`` default ``knn.default_nlist``: N // 20), with
   each ``--scan`` of the inverted lists: ``faiss`` (``IndexIVFFlat.search_preassigned``, query-major),
   ``lists`` (the list-major float32 GEMM scan of ``trainer.cluster.knn._IVFShard``), ``auto`` (what
   ``search_knn`` picks here: faiss-gpu where faiss sees a GPU, else lists). The scans' lists must be
@@ -67,7 +67,7 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--d", type=positive_int, default=384)
     p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--nprobe", type=int_list, default=[32, 64, 128], help="IVF lists probed, comma-separated")
-    p.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: round(4 sqrt(N)))")
+    p.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: N // 20, knn.default_nlist)")
     p.add_argument("--scan", type=_scan_list, default=["auto"], help=f"IVF scans, comma-separated: {', '.join(SCANS)}")
     p.add_argument("--rows", type=positive_int, default=None, help="every scan searches only this many query rows")
     p.add_argument("--faiss-rows", type=positive_int, default=None,

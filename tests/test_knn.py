@@ -75,6 +75,23 @@ def test_bf16_bound_holds_on_every_pair():
         assert err.max() > bound.min() / 50  # the bound is not vacuous: within ~50x of the worst error
 
 
+def test_augmented_bf16_bound_holds_on_every_pair():
+    # the bf16 GEMM of augmented rows [q, 1] . [y, -|y|^2/2] against the exact score <q, y> - |y|^2/2
+    # (float64 on snapped values): every error within _augmented_bound, which is within ~50x of the worst
+    rng = np.random.default_rng(2)
+    q = snap_features(rng.standard_normal((300, 96)) * (2.0 ** rng.uniform(-3, 3, (300, 1))))
+    y = knn._snap_like(rng.standard_normal((200, 96)) * (2.0 ** rng.uniform(-3, 3, (200, 1))), q)
+    yn = knn.exact_norms(y)
+    qa, ya = knn._augmented(q, y, yn)
+    approx = knn._gemm(torch.from_numpy(qa).to(torch.bfloat16), torch.from_numpy(ya).to(torch.bfloat16))
+    exact = q.astype(np.float64) @ y.T.astype(np.float64) - yn / 2
+    err = np.abs(approx.double().numpy() - exact)
+    hy, ey = knn._bf16_norms(ya)
+    bound = knn._augmented_bound(qa, (float(hy.max()), float(ey.max())), float(yn.max()) / 2)
+    assert np.all(err <= bound[:, None]), float((err / bound[:, None]).max())
+    assert err.max() > bound.min() / 50
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_bf16_lists_identical_to_fp32(scaled):
     x = reid_like(1500, d=48, seed=3)
@@ -105,6 +122,34 @@ def test_bf16_fallback_on_near_ties():
     assert stats["bf16_fallback_rows"] >= 1500, stats
     assert stats["bf16_fallback_rows"] < len(x), stats
     np.testing.assert_array_equal(got, _naive_topk(x, np.arange(len(x)), 10))
+
+
+def _naive_vs(q: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Top-k of each query against y by float64 squared distance, ties by lower index."""
+    q64, y64 = q.astype(np.float64), y.astype(np.float64)
+    return np.stack([np.lexsort((np.arange(len(y)), ((y64 - p) ** 2).sum(1)))[:k] for p in q64])
+
+
+@pytest.mark.parametrize("k", [1, 16])
+def test_bf16_queries_against_a_database_equal_naive(k):
+    # queries vs a database of unequal norms (centroid-like means of 3-8 points, the IVF quantizer's
+    # case: the unfolded path) with a block of near-duplicate database rows that the bf16 scores cannot
+    # order, so that some rows must fall back to fp32; the lists equal a float64 restatement
+    rng = np.random.default_rng(11)
+    x = reid_like(900, d=48, seed=4)
+    groups = [rng.choice(900, rng.integers(3, 9), replace=False) for _ in range(160)]
+    y = np.stack([x[g].mean(0) for g in groups])
+    y[100:140] = y[5] + 1e-5 * rng.standard_normal((40, 48))
+    x = snap_features(x)
+    y = knn._snap_like(y.astype(np.float32), x)
+    yn = knn.exact_norms(y)
+    q = np.concatenate([x[:300], y[100:110]])  # the last queries sit in the near-duplicate block
+    want = _naive_vs(q, y, k)
+    np.testing.assert_array_equal(knn._exact_vs(q, y, yn, k, precision="fp32"), want)
+    stats: dict = {}
+    got = knn._exact_vs(q, y, yn, k, precision="bf16", block=64, stats=stats)
+    np.testing.assert_array_equal(got, want)
+    assert stats["bf16_rows"] == len(q) and 1 <= stats["bf16_fallback_rows"] < len(q), stats
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
@@ -199,6 +244,44 @@ def test_ivf_distributed_equals_one_process():
                                                       zip(got, (knn.dist.shard_range(301, r, world)
                                                                 for r in range(world)), strict=True)]
     assert stats["ivf_exhausted_rows"] > 0 and stats["ivf_rescanned_rows"] > 0, stats
+
+
+def _naive_kmeans(x: np.ndarray, nlist: int) -> np.ndarray:
+    """The IVF quantizer by definition: Lloyd's iterations from faiss's initialisation on the seeded
+    sample, each assignment to the nearest centroid snapped onto x's grid (float64, ties by lower id),
+    each centroid the float64 mean of its points; an emptied centroid is re-seeded by faiss's rule
+    (``reassign_centroids``, splitting a large one), with the same random stream."""
+    from faiss.contrib.clustering import reassign_centroids
+
+    sample = np.sort(np.random.default_rng(knn.IVF_SEED).choice(len(x), min(len(x), knn.IVF_TRAIN_PER_LIST * nlist),
+                                                                 replace=False))
+    xs = x[sample].astype(np.float64)
+    rs = np.random.RandomState(knn.IVF_SEED)
+    cent = xs[rs.choice(len(xs), nlist, replace=False)]
+    for _ in range(knn.IVF_KMEANS_ITERS):
+        c = knn._snap_like(cent.astype(np.float32), x).astype(np.float64)
+        assign = _naive_vs(xs, c, 1)[:, 0]
+        counts = np.bincount(assign, minlength=nlist)
+        cent = np.stack([xs[assign == j].sum(0) for j in range(nlist)]) / np.maximum(counts, 1)[:, None]
+        reassign_centroids(counts, cent, rs)
+    return cent.astype(np.float32)
+
+
+def _kmeans_body(rank, world_size, x, nlist):
+    return knn._train_centroids(x, nlist, distributed=True)
+
+
+def test_ivf_kmeans_sharded_equals_one_process_and_naive():
+    # the quantizer's k-means with the assignment sharded over W ranks: the same centroids, bit for bit,
+    # as one process (the sums are exact), and as a float64 restatement of Lloyd's iterations to within
+    # float32 rounding of the final division (the restatement divides in float64)
+    x = snap_features(reid_like(700, d=24, seed=9))
+    nlist = 35  # 8 x 35 = 280 sample rows, not divisible by 3 or 4
+    want = knn._train_centroids(x, nlist)
+    np.testing.assert_allclose(want, _naive_kmeans(x, nlist), rtol=0, atol=1e-6)
+    for world in (2, 3, 4):
+        for got in run_distributed(_kmeans_body, world, x, nlist):
+            np.testing.assert_array_equal(got, want)
 
 
 # --- IVF: the list-major CPU scan ------------------------------------------------------------------------------

@@ -56,10 +56,12 @@ _U32 = 2.0**-24  # unit roundoff of float32
 _UBF16 = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand, round to nearest)
 _SAFETY = 2.0  # multiplies the proven bound: headroom for the few roundings it does not itemise
 _BF16_MIN_PAIRS = 1 << 26  # "auto" on CPU: below ~8k x 8k scores the bf16 pass saves nothing worth its setup
-IVF_TRAIN_PER_LIST = 32
+IVF_LIST_SIZE = 20
+"""Default IVF list size: ``N // IVF_LIST_SIZE`` lists (:func:`default_nlist`)."""
+IVF_TRAIN_PER_LIST = 8
 """k-means training sample of the IVF quantizer: this many points per list (seeded choice of rows)."""
-IVF_KMEANS_ITERS = 10
-"""k-means iterations of the IVF quantizer (faiss ``Kmeans``)."""
+IVF_KMEANS_ITERS = 5
+"""k-means iterations of the IVF quantizer."""
 IVF_SEED = 1234
 """Seed of the IVF training sample and of faiss's k-means initialisation."""
 
@@ -104,8 +106,14 @@ def _grid_ok(q: float, d: int) -> bool:
     return d * int(q) * int(q) <= 2**50 if q.is_integer() else d * q * q <= 2.0**50
 
 
-def _snap_like(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``y`` snapped onto a grid on which products with the snapped ``x`` stay exact in float64.
+def _abs_max(x: np.ndarray, chunk: int = 16384) -> float:
+    """``max |x|`` a chunk of rows at a time (``np.abs(x)`` would copy all of ``x``)."""
+    return max((float(np.abs(x[s : s + chunk]).max()) for s in range(0, len(x), chunk)), default=0.0)
+
+
+def _snap_like(y: np.ndarray, x: np.ndarray, amax: float | None = None) -> np.ndarray:
+    """``y`` snapped onto a grid on which products with the snapped ``x`` stay exact in float64
+    (``amax``: ``max |x|`` when the caller has it).
 
     ``x``'s own step ``2**-b`` satisfies the snap's conditions for ``amax = max|x|`` (its largest
     grid value is ``amax * 2**b``), so the finest step ``2**-b'`` that still satisfies them has
@@ -114,7 +122,7 @@ def _snap_like(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     below ``2**52``.
     """
     d = x.shape[1]
-    amax = float(np.abs(x).max())
+    amax = _abs_max(x) if amax is None else amax
     if amax == 0.0:
         return np.zeros(y.shape, np.float32)
     b = math.floor(math.log2(min(2.0**24, math.sqrt(2.0**50 / d)) / amax))
@@ -522,13 +530,83 @@ def _resolve(keys: np.ndarray, ids: np.ndarray, delta: np.ndarray, k: int, q: np
 
 
 def _exact_vs(q: np.ndarray, y: np.ndarray, yn: np.ndarray, k: int, *, qn: np.ndarray | None = None,
-              extra: int = 8, block: int = 2048, device: torch.device | None = None) -> np.ndarray:
-    """Exact top-k of arbitrary snapped queries ``q`` against the snapped database ``y`` (float32 pass)."""
+              extra: int = 8, block: int = 2048, device: torch.device | None = None,
+              precision: Precision = "fp32", stats: dict[str, Any] | None = None) -> np.ndarray:
+    """Exact top-k of arbitrary snapped queries ``q`` against the snapped database ``y``: from float32
+    candidates, or (``precision`` bf16, or auto where :func:`_use_bf16` picks it) from bf16 candidates
+    proven complete as in :func:`_bf16_search`, the unproven rows searched again from float32 ones.
+    ``stats`` (if given) counts ``bf16_rows`` and ``bf16_fallback_rows``."""
     qn = exact_norms(q) if qn is None else qn
+    dev = _device(device)
+    if len(q) and _use_bf16(precision, "torch", dev, len(q) * len(y)):
+        return _bf16_vs(q, y, yn, k, qn, extra, block, dev, stats)
     kk = min(len(y), k + max(1, extra))
-    sc, ids, fold = _approx_vs(q, y, yn, kk, _device(device), block)
+    sc, ids, fold = _approx_vs(q, y, yn, kk, dev, block)
     keys, delta = _torch_keys(sc, fold, y.shape[1], qn, yn)
     return _resolve(keys, ids, delta, k, q, qn, y, yn)
+
+
+def _augmented(q: np.ndarray, y: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 ``[q, 1, 0...]`` and ``[y, -|y|^2/2, 0...]`` (zero-padded to a multiple of 16 columns): their
+    inner product is the score ``<q, y> - |y|^2 / 2`` itself, so a bf16 GEMM of them needs no float32
+    pass over its output to subtract the norms."""
+    d = q.shape[1]
+    width = d + 1 + (-(d + 1)) % 16
+    qa = np.zeros((len(q), width), np.float32)
+    qa[:, :d], qa[:, d] = q, 1.0
+    ya = np.zeros((len(y), width), np.float32)
+    ya[:, :d], ya[:, d] = y, -(yn / 2)
+    return qa, ya
+
+
+def _augmented_bound(qa: np.ndarray, ya_norms: tuple[float, float], hn_max: float) -> np.ndarray:
+    """Per query: a bound on ``|s~_ij - s_ij|``, ``s~`` the bf16 GEMM of the augmented rows
+    (:func:`_augmented`) and ``s_ij = <q_i, y_j> - |y_j|^2 / 2`` exact: :func:`_bf16_bound` of the
+    augmented vectors (a bare inner product) plus the float32 rounding of ``|y_j|^2 / 2`` (doubled)."""
+    hq, eq = _bf16_norms(qa)
+    return _bf16_bound_of(hq, eq, ya_norms[0], ya_norms[1], qa.shape[1], 0.0, True) + 2 * _U32 * hn_max
+
+
+def _bf16_vs(q: np.ndarray, y: np.ndarray, yn: np.ndarray, k: int, qn: np.ndarray, extra: int, block: int,
+             device: torch.device, stats: dict[str, Any] | None) -> np.ndarray:
+    """:func:`_bf16_search` for queries ``q`` against a small database ``y`` (the IVF centroids): same
+    margin, proof and fp32 fallback. Each block of queries is scored against all of ``y`` by one bf16
+    GEMM of augmented rows (:func:`_augmented`) and one top-k over the bf16 scores: at 50,000 centroids
+    the blocked merge of :func:`_approx_vs` spent several times the GEMM's time passing over scores."""
+    ny = len(y)
+    m = len(q)
+    kb = min(ny, k + max(2 * extra, k))
+    kk = min(ny, kb + 1)
+    _, ya = _augmented(q[:0], y, yn)
+    hy, ey = _bf16_norms(ya)
+    big = (float(hy.max()), float(ey.max()))
+    yt = torch.from_numpy(ya).to(device).to(torch.bfloat16)
+    hn_max = float(yn.max()) / 2
+    out = np.empty((m, k), np.int64)
+    redo: list[np.ndarray] = []
+    rows = max(16, min(4096, (1 << 23) // max(1, ny)))  # score blocks of at most 16 MB (bf16)
+    with _exact_matmul():
+        for r0, r1 in _chunks(0, m, rows):
+            qa, _ = _augmented(q[r0:r1], y[:0], yn[:0])
+            v, i = torch.topk(_gemm(torch.from_numpy(qa).to(device).to(torch.bfloat16), yt), kk, dim=1)
+            sc = v.double().cpu().numpy()
+            cand = i.cpu().numpy()[:, :kb]
+            c = r1 - r0
+            sq = (np.repeat(qn[r0:r1], kb) + yn[cand.ravel()]
+                  - 2.0 * _dots2(q[r0:r1], np.repeat(np.arange(c), kb), y, cand.ravel())).reshape(c, kb)
+            order = np.lexsort((cand, sq))  # per row: exact squared distance, then index
+            out[r0:r1] = np.take_along_axis(cand, order[:, :k], 1)
+            if kb < ny:  # some points were left out: prove none of them belongs in the top k
+                s_k = (qn[r0:r1] - np.take_along_axis(sq, order[:, k - 1 : k], 1)[:, 0]) / 2  # exact k-th score
+                bad = ~(s_k > sc[:, kb] + _augmented_bound(qa, big, hn_max))
+                redo.append(np.flatnonzero(bad) + r0)
+    back = np.concatenate(redo) if redo else np.empty(0, np.int64)
+    if len(back):
+        out[back] = _exact_vs(q[back], y, yn, k, qn=qn[back], extra=extra, block=block, device=device)
+    if stats is not None:
+        stats["bf16_rows"] = stats.get("bf16_rows", 0) + m
+        stats["bf16_fallback_rows"] = stats.get("bf16_fallback_rows", 0) + len(back)
+    return out
 
 
 @functools.cache
@@ -590,9 +668,13 @@ def _bf16_bound(nh: np.ndarray, ne: np.ndarray, q0: int, q1: int, d: int, hn_max
     * subnormal products or sums flushed to zero: ``2 d 2**-126``;
     * unfolded: the float32 roundings of ``|x_j|^2 / 2`` and of the subtraction.
     """
+    return _bf16_bound_of(nh[q0:q1], ne[q0:q1], float(nh.max()), float(ne.max()), d, hn_max, fold)
+
+
+def _bf16_bound_of(hq: np.ndarray, eq: np.ndarray, big_h: float, big_e: float, d: int, hn_max: float,
+                   fold: bool) -> np.ndarray:
+    """:func:`_bf16_bound` from the queries' ``|h_i|``, ``|e_i|`` and the database's ``H``, ``E``."""
     g = _gamma(d)
-    hq, eq = nh[q0:q1], ne[q0:q1]
-    big_h, big_e = float(nh.max()), float(ne.max())
     bound = hq * big_e + eq * big_h + eq * big_e
     bound += 2 * (g + _UBF16 * (1 + g)) * hq * big_h + 2 * d * 2.0**-126
     if not fold:
@@ -675,22 +757,88 @@ def exact_knn(features: np.ndarray, k: int, rows: tuple[int, int] | None = None,
 
 
 def default_nlist(n: int) -> int:
-    """Default number of IVF lists: ``round(4 sqrt(N))``, at most ``N // 39`` (faiss wants 39 training
-    points per list) and at least 1 — 1,789 lists at N = 200,000, 4,000 at N = 1,000,000."""
-    return max(1, min(round(4 * math.sqrt(n)), n // 39))
+    """Default number of IVF lists: ``N // IVF_LIST_SIZE`` (lists of ~20 points), at least 1 — 10,000
+    lists at N = 200,000, 50,000 at N = 1,000,000.
+
+    Finer than faiss's usual ``4 sqrt(N)`` because ReID features are many small clusters (an identity's
+    images under one camera: a few to a few tens) and a k-NN list lives in a few of them: lists as
+    coarse as ``4 sqrt(N)`` (~250 points at 1M) cut through them, and recall@20 >= 0.99 then needed a
+    quarter of the database scanned; lists of ~20 points reach it scanning about 1 % (docs/knn.md).
+    The price is the quantizer: k-means and the probes cost ``N x nlist x d``, i.e. N / 20 of one
+    exact search's ``N^2 d`` each.
+    """
+    return max(1, n // IVF_LIST_SIZE)
 
 
-def _train_centroids(x: np.ndarray, nlist: int) -> np.ndarray:
-    """faiss k-means (L2) on a seeded sample of ``IVF_TRAIN_PER_LIST * nlist`` rows (``IVF_SEED``)."""
-    import faiss
+class _ShardedSample:
+    """The k-means training sample as faiss's python k-means (``faiss.contrib.clustering.kmeans``) sees
+    it — its ``DatasetAssign`` interface — with the assignment step sharded over the ranks and exact.
 
-    n, d = x.shape
+    faiss's C++ ``Kmeans`` runs in one process; at 50,000 lists its assignment passes are the largest
+    cost of the IVF path, so each rank assigns its own share of the sample rows and the ranks combine:
+    the sums per centroid by an all-reduce, the assignments and distances by an all-gather. Every rank
+    then runs faiss's same update on the same numbers and holds the same centroids, with no broadcast.
+    Exact at every W: the centroids are snapped onto the features' grid before each assignment, the
+    nearest centroid is exact (:func:`_exact_vs`, ties by lower id), and the per-centroid sums are float64
+    sums of grid values far below ``2**53`` grid steps, exact in any order — so the quantizer, and the
+    lists, do not depend on the number of ranks.
+    """
+
+    def __init__(self, x: np.ndarray, sample: np.ndarray, group: bool):
+        self.x, self.sample, self.group = x, sample, group
+        rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
+        a, b = dist.shard_range(len(sample), rank, world)
+        self.own = np.ascontiguousarray(x[sample[a:b]])  # this rank's share of the sample rows
+        self.own_norms = exact_norms(self.own)
+        self.amax = _abs_max(x)
+
+    def count(self) -> int:
+        return len(self.sample)
+
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def get_subset(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.x[self.sample[indices]], np.float64)
+
+    def assign_to(self, centroids: np.ndarray, weights: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(nearest centroid, its squared distance, per-centroid sums)`` of the whole sample."""
+        if weights is not None:
+            raise ValueError("knn ivf k-means: weighted assignment is not supported")
+        c = _snap_like(np.asarray(centroids), self.x, self.amax)
+        cn = exact_norms(c)
+        ii = _exact_vs(self.own, c, cn, 1, qn=self.own_norms, precision="auto")[:, 0] if len(self.own) \
+            else np.empty(0, np.int64)
+        dd = self.own_norms + cn[ii] - 2.0 * _dots2(self.own, np.arange(len(ii)), c, ii)
+        sums = torch.zeros((len(c), c.shape[1]), dtype=torch.float64)
+        for s in range(0, len(ii), 4096):  # float64 rows a few MB at a time
+            sums.index_add_(0, torch.from_numpy(ii[s : s + 4096]),
+                            torch.from_numpy(self.own[s : s + 4096].astype(np.float64)))
+        if self.group:
+            dev = dist.comm_device()
+            sums = dist.all_reduce(sums.to(dev)).cpu()
+            ii = dist.all_gather_variable(torch.from_numpy(ii).to(dev)).cpu().numpy()
+            dd = dist.all_gather_variable(torch.from_numpy(dd).to(dev)).cpu().numpy()
+        return ii, dd, sums.numpy()
+
+
+def _train_centroids(x: np.ndarray, nlist: int, distributed: bool = False) -> np.ndarray:
+    """k-means (L2) centroids on a seeded sample of ``IVF_TRAIN_PER_LIST * nlist`` rows (``IVF_SEED``):
+    faiss's python k-means (its initialisation, update and splitting of empty centroids) over
+    :class:`_ShardedSample`, so with ``distributed`` every rank assigns only its share of the sample and
+    all ranks get the same centroids as one process."""
+    import io
+
+    from faiss.contrib.clustering import kmeans
+
+    n = len(x)
     size = min(n, IVF_TRAIN_PER_LIST * nlist)
     sample = np.sort(np.random.default_rng(IVF_SEED).choice(n, size, replace=False))
-    km = faiss.Kmeans(d, nlist, niter=IVF_KMEANS_ITERS, seed=IVF_SEED, max_points_per_centroid=size,
-                      min_points_per_centroid=1, verbose=False)
-    km.train(np.ascontiguousarray(x[sample]))
-    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+    data = _ShardedSample(x, sample, distributed and dist.is_initialized())
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress word even with verbose=False
+        cent = kmeans(nlist, data, niter=IVF_KMEANS_ITERS, seed=IVF_SEED, verbose=False)
+    return np.ascontiguousarray(cent, dtype=np.float32)
 
 
 IVFScan = Literal["auto", "faiss", "lists"]
@@ -841,7 +989,8 @@ def _ivf_probes(x: np.ndarray, r0: int, r1: int, cent: np.ndarray, cn: np.ndarra
     out = np.empty((r1 - r0, npb), np.int32)
     rows = max(256, min(chunk, (1 << 23) // (npb + extra + 1)))
     for c0, c1 in _chunks(r0, r1, rows):
-        out[c0 - r0 : c1 - r0] = _exact_vs(x[c0:c1], cent, cn, npb, extra=extra, block=block, device=device)
+        out[c0 - r0 : c1 - r0] = _exact_vs(x[c0:c1], cent, cn, npb, extra=extra, block=block, device=device,
+                                           precision="auto")
     return out
 
 
@@ -963,11 +1112,7 @@ def _search_ivf(x: np.ndarray, k: int, rows: tuple[int, int], nprobe: int, nlist
         times[name] = times.get(name, 0.0) + now - tick
         tick = now
 
-    cent = _train_centroids(x, nl) if rank == 0 else np.empty((nl, d), np.float32)
-    if group:
-        t = dist.broadcast(torch.from_numpy(cent).to(dist.comm_device()), src=0)
-        cent = t.cpu().numpy()
-    cent = _snap_like(cent, x)
+    cent = _snap_like(_train_centroids(x, nl, group), x)
     lap("train")
     s0, s1 = (q0, q1) if group else (0, n)  # the rows this rank stores
     cn = exact_norms(cent)
