@@ -19,7 +19,9 @@ IVF labels against exact search's: adjusted Rand index and whether the partition
 Exact search at N = 1,000,000 is a GPU job; its CPU time is projected from the largest exact run
 (k-NN time × (N / N_exact)², the rest × N / N_exact). Threads per rank: ``--threads`` (default:
 the CPUs divided by W). Then the per-rank bytes of TMGF's proxy memory, replicated vs sharded over the
-largest W, at 10^4, 10^5 and 10^6 proxies (``bench/proxy_memory.py``'s measurement). The last two lines
+largest W, at 10^4, 10^5 and 10^6 proxies (``bench/proxy_memory.py``'s measurement). At the largest
+exact size, the exact k-NN of all rows from bf16 candidates and from fp32 ones in one process: whether
+the lists are identical, and the speed-up. Then the whole run's wall time. The last two lines
 are ``clustering N=1,000,000 W=4: T s, working memory per rank X GiB, recall@20 R`` and
 ``proxy memory per rank, sharded W=4 vs replicated: F×``.
 """
@@ -85,6 +87,28 @@ def cluster_rank(rank: int, world: int, feats: str, kw: dict[str, Any], threads:
             "labels": labels if rank == 0 else None}
 
 
+def bf16_vs_fp32(feats: str) -> str:
+    """Exact k-NN of all rows (one process, all threads) from bf16 candidates and from fp32 ones: whether
+    the lists are identical, and the two wall times. Run where the CPU multiplies bf16 natively
+    (``knn.cpu_has_fast_bf16``), where ``precision="auto"`` picks the bf16 pass."""
+    from trainer.cluster.knn import cpu_has_fast_bf16, exact_knn
+
+    x = np.load(feats)
+    n = len(x)
+    t = time.perf_counter()
+    fp32 = exact_knn(x, K1, precision="fp32")
+    t_fp32 = time.perf_counter() - t
+    stats: dict[str, Any] = {}
+    t = time.perf_counter()
+    bf16 = exact_knn(x, K1, precision="bf16", stats=stats)
+    t_bf16 = time.perf_counter() - t
+    same = "identical" if np.array_equal(fp32, bf16) else f"DIFFERENT in {int((fp32 != bf16).any(1).sum()):,} rows"
+    native = "native bf16" if cpu_has_fast_bf16() else "no native bf16 on this CPU: emulated"
+    return (f"exact k-NN N={n:,} W=1 ({native}): bf16-candidate lists {same} to fp32, {t_bf16:.1f} s vs "
+            f"{t_fp32:.1f} s fp32: {t_fp32 / t_bf16:.2f}x ({stats.get('bf16_fallback_rows', 0):,} rows searched "
+            f"again in fp32)")
+
+
 def run(feats: str, world: int, kw: dict[str, Any], threads: int | None) -> dict[str, Any]:
     """Cluster ``feats`` on ``world`` local gloo ranks; the largest rank's figures and rank 0's labels."""
     from bench.scaling import spawn
@@ -125,6 +149,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--threads", type=positive_int, help="threads per rank (default: CPUs / W)")
     p.add_argument("--proxies", type=int_list, help="proxy counts of the proxy-memory rows (default 10^4,10^5,10^6)")
     args = p.parse_args(argv)
+    start = time.perf_counter()
     exact_sizes = args.exact_sizes if args.exact_sizes is not None else ([4000] if args.quick else [200_000])
     ivf_sizes = args.ivf_sizes or ([12_000] if args.quick else [1_000_000])
     worlds = list(args.worlds)
@@ -136,12 +161,15 @@ def _main(argv: list[str] | None) -> int:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
     summary = ""
     projection = ""
+    bf16_line = ""
     exact_ref: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(n, "flat") for n in exact_sizes] + [(n, "ivf") for n in sorted(set(exact_sizes) | set(ivf_sizes))]
         for n in sorted({n for n, _ in jobs}):
             feats = os.path.join(tmp, f"x-{n}.npy")
             make_features(feats, n, args.d, args.seed)
+            if n == max(exact_sizes, default=0):
+                bf16_line = bf16_vs_fp32(feats)
             for index in ("flat", "ivf"):
                 if (n, index) not in jobs:
                     continue
@@ -179,10 +207,13 @@ def _main(argv: list[str] | None) -> int:
             os.remove(feats)
     if projection:
         print(projection)
+    if bf16_line:
+        print(bf16_line)
     # the proxy memory at 10^4..10^6 proxies (bench/proxy_memory.py), sharded over the largest W
     world = max(worlds)
     table, proxy_line = proxy_report(proxy_measure(list(args.proxies), world), world, 6, 384, 1.0)
     print("\n".join(table))
+    print(f"{PROG} total: {time.perf_counter() - start:.0f} s")
     print(summary)
     print(proxy_line)
     return 0
