@@ -170,13 +170,13 @@ def _estimate(x: np.ndarray, k: int, nprobes: list[int], nlist: int | None, samp
     cent = knn._snap_like(knn._train_centroids(x, nl), x)  # as _search_ivf trains and snaps it
     cn = knn.exact_norms(cent)
     t_train = time.perf_counter() - t
-    home = knn._exact_vs(x, cent, cn, 1)[:, 0]
+    home = knn._exact_vs(x, cent, cn, 1, precision="auto")[:, 0]  # as _search_ivf finds them
     size = np.bincount(home, minlength=nl)
     pick = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))  # knn_recall's rows
     norms = knn.exact_norms(x)
     truth = knn._exact_vs(x[pick], x, norms, k, qn=norms[pick])
     npb_max = min(max(nprobes), nl)
-    probes = knn._exact_vs(x[pick], cent, cn, npb_max)
+    probes = knn._exact_vs(x[pick], cent, cn, npb_max, precision="auto")
     print(f"estimate: nlist={nl}, k-means {t_train:.1f} s, homes + sample {time.perf_counter() - t - t_train:.1f} s; "
           f"list sizes: mean {n / nl:.1f}, median {np.median(size):.0f}, max {size.max()}", flush=True)
     for nprobe in nprobes:
