@@ -82,7 +82,7 @@ def test_augmented_bf16_bound_holds_on_every_pair():
     q = snap_features(rng.standard_normal((300, 96)) * (2.0 ** rng.uniform(-3, 3, (300, 1))))
     y = knn._snap_like(rng.standard_normal((200, 96)) * (2.0 ** rng.uniform(-3, 3, (200, 1))), q)
     yn = knn.exact_norms(y)
-    qa, ya = knn._augmented(q, y, yn)
+    qa, ya = knn._augmented(q, 1.0), knn._augmented(y, -(yn / 2))
     approx = knn._gemm(torch.from_numpy(qa).to(torch.bfloat16), torch.from_numpy(ya).to(torch.bfloat16))
     exact = q.astype(np.float64) @ y.T.astype(np.float64) - yn / 2
     err = np.abs(approx.double().numpy() - exact)
@@ -226,12 +226,19 @@ def _ivf_body(rank, world_size, x, k, nlist, nprobe):
     return lists, stats
 
 
+def _sharded_ivf_data() -> np.ndarray:
+    """301 points (not divisible by W = 2, 3, 4), small lists and one point repeated 25 times: rows that
+    are certified, re-scanned over their probed lists and searched exhaustively."""
+    x = _data(301, 16, 13, dup=30)
+    x[200:225] = x[7]
+    return x
+
+
 def test_ivf_distributed_equals_one_process():
     # N not divisible by W; small lists and a point repeated 25 times, so that rows are certified,
     # re-scanned over their probed lists (ties beyond the candidates) and searched exhaustively
     # (probed lists holding fewer than k points)
-    x = _data(301, 16, 13, dup=30)
-    x[200:225] = x[7]
+    x = _sharded_ivf_data()
     k, nlist, nprobe = 12, 24, 1
     stats: dict = {}
     want = search_knn(x, k, rows=(0, 301), index="ivf", nlist=nlist, nprobe=nprobe, stats=stats, chunk=37)
@@ -356,8 +363,7 @@ def test_list_scan_distributed_equals_one_process():
     # the list-major scan over a sharded database (W = 2), and beside faiss on another rank (W = 3: the
     # merge then certifies with the larger bound): the lists equal W = 1's and the naive restatement
     # (rows certified, re-scanned over their probed lists and searched exhaustively)
-    x = _data(301, 16, 13, dup=30)
-    x[200:225] = x[7]
+    x = _sharded_ivf_data()
     k, nlist, nprobe = 12, 24, 2
     stats: dict = {}
     want = _ivf(x, k, nlist, nprobe, "lists", chunk=37, stats=stats)

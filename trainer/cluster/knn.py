@@ -546,17 +546,14 @@ def _exact_vs(q: np.ndarray, y: np.ndarray, yn: np.ndarray, k: int, *, qn: np.nd
     return _resolve(keys, ids, delta, k, q, qn, y, yn)
 
 
-def _augmented(q: np.ndarray, y: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 ``[q, 1, 0...]`` and ``[y, -|y|^2/2, 0...]`` (zero-padded to a multiple of 16 columns): their
-    inner product is the score ``<q, y> - |y|^2 / 2`` itself, so a bf16 GEMM of them needs no float32
-    pass over its output to subtract the norms."""
-    d = q.shape[1]
-    width = d + 1 + (-(d + 1)) % 16
-    qa = np.zeros((len(q), width), np.float32)
-    qa[:, :d], qa[:, d] = q, 1.0
-    ya = np.zeros((len(y), width), np.float32)
-    ya[:, :d], ya[:, d] = y, -(yn / 2)
-    return qa, ya
+def _augmented(a: np.ndarray, last: float | np.ndarray) -> np.ndarray:
+    """Float32 ``[a, last, 0...]`` (zero-padded to a multiple of 16 columns). Queries take ``last = 1`` and
+    database rows ``last = -|y|^2 / 2``: their inner product is then the score ``<q, y> - |y|^2 / 2``
+    itself, so a bf16 GEMM of them needs no float32 pass over its output to subtract the norms."""
+    d = a.shape[1]
+    out = np.zeros((len(a), d + 1 + (-(d + 1)) % 16), np.float32)
+    out[:, :d], out[:, d] = a, last
+    return out
 
 
 def _augmented_bound(qa: np.ndarray, ya_norms: tuple[float, float], hn_max: float) -> np.ndarray:
@@ -577,7 +574,7 @@ def _bf16_vs(q: np.ndarray, y: np.ndarray, yn: np.ndarray, k: int, qn: np.ndarra
     m = len(q)
     kb = min(ny, k + max(2 * extra, k))
     kk = min(ny, kb + 1)
-    _, ya = _augmented(q[:0], y, yn)
+    ya = _augmented(y, -(yn / 2))
     hy, ey = _bf16_norms(ya)
     big = (float(hy.max()), float(ey.max()))
     yt = torch.from_numpy(ya).to(device).to(torch.bfloat16)
@@ -587,7 +584,7 @@ def _bf16_vs(q: np.ndarray, y: np.ndarray, yn: np.ndarray, k: int, qn: np.ndarra
     rows = max(16, min(4096, (1 << 23) // max(1, ny)))  # score blocks of at most 16 MB (bf16)
     with _exact_matmul():
         for r0, r1 in _chunks(0, m, rows):
-            qa, _ = _augmented(q[r0:r1], y[:0], yn[:0])
+            qa = _augmented(q[r0:r1], 1.0)
             v, i = torch.topk(_gemm(torch.from_numpy(qa).to(device).to(torch.bfloat16), yt), kk, dim=1)
             sc = v.double().cpu().numpy()
             cand = i.cpu().numpy()[:, :kb]
